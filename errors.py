@@ -1,0 +1,79 @@
+"""Domain errors, and the one place that decides what a database fault means to a client."""
+
+from collections.abc import Mapping
+from typing import ClassVar
+
+from sqlalchemy import exc as sa_exc
+
+# Seconds a client is told to wait after a 503.
+RETRY_AFTER_SECONDS = 5
+
+
+class ServiceError(Exception):
+    """An error with a meaning for the client; `main` renders it as a problem response."""
+
+    status: ClassVar[int] = 500
+
+    def __init__(self, detail: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.headers = dict(headers or {})
+
+
+class NotFound(ServiceError):
+    status = 404
+
+
+class Conflict(ServiceError):
+    status = 409
+
+
+class InvalidData(ServiceError):
+    status = 422
+
+
+class Unauthorized(ServiceError):
+    status = 401
+
+    def __init__(self, detail: str, *, invalid_token: bool = False) -> None:
+        # RFC 6750: a bad token names the error; a missing one just asks for a bearer token.
+        challenge = 'Bearer error="invalid_token"' if invalid_token else "Bearer"
+        super().__init__(detail, {"WWW-Authenticate": challenge})
+
+
+class Unavailable(ServiceError):
+    status = 503
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+
+
+# SQLSTATE classes (first two characters) whose faults are the server's, not the request's.
+_UNAVAILABLE_CLASSES = {"08", "53", "57", "58"}
+_CONFLICT_STATES = {"23505", "23503", "23P01", "40001", "40P01"}
+
+
+def _sqlstate(error: sa_exc.DBAPIError) -> str:
+    return str(getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None) or "")
+
+
+def classify_db_error(error: BaseException) -> ServiceError | None:
+    """Map a database or connection fault to a domain error; None means a bug (answer 500)."""
+    if isinstance(error, sa_exc.TimeoutError):
+        return Unavailable("The database is busy: no connection became free in time.")
+    if isinstance(error, sa_exc.DBAPIError):
+        state = _sqlstate(error)
+        if state == "57014":
+            return Unavailable("The database did not answer in time.")
+        if error.connection_invalidated or state[:2] in _UNAVAILABLE_CLASSES or state == "25006":
+            return Unavailable("The database is unavailable.")
+        if isinstance(error, sa_exc.InterfaceError) and not state:
+            return Unavailable("The connection to the database was lost.")
+        if state in _CONFLICT_STATES:
+            return Conflict("The request conflicts with the current state of the data.")
+        if state.startswith(("22", "23")):
+            return InvalidData("The database rejected a value in the request.")
+        return None
+    if isinstance(error, OSError):  # refused connection, DNS failure, socket timeout
+        return Unavailable("The database is unreachable.")
+    return None

@@ -1,0 +1,355 @@
+"""The FastAPI app: lifespan, routes and the handlers that turn every error into a problem."""
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager, suppress
+from http import HTTPStatus
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, FastAPI, Form, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
+from redis.asyncio import Redis
+from sqlalchemy import exc as sa_exc
+from sqlalchemy import text
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
+
+import crud
+from auth import CurrentUser, authenticate, dummy_hash, hash_password, issue_token
+from db import SessionDep, SessionMaker, create_engine, create_sessionmaker
+from errors import ServiceError, Unauthorized, Unavailable, classify_db_error
+from models import (
+    INT32_MAX,
+    PATTERN_MESSAGES,
+    USERNAME_PATTERN,
+    Health,
+    PetCreate,
+    PetPage,
+    PetPublic,
+    PetQuery,
+    PetUpdate,
+    Problem,
+    ProblemItem,
+    Readiness,
+    Token,
+)
+from settings import Settings, get_settings
+
+log = logging.getLogger("pets.api")
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+READY_CHECK_TIMEOUT_SECONDS = 2.0
+
+PetId = Annotated[int, Path(ge=1, le=INT32_MAX, description="The pet's id.")]
+
+
+# --- start-up and shutdown -------------------------------------------------------------------
+
+
+async def provision_admin(settings: Settings, sessionmaker: SessionMaker) -> None:
+    """Create the configured admin account if it is missing; an existing one is left as it is."""
+    async with sessionmaker() as session:
+        if await crud.get_user_by_username(session, settings.ADMIN_USERNAME) is not None:
+            return
+        password_hash = await hash_password(settings.ADMIN_PASSWORD.get_secret_value())
+        if await crud.add_user_if_missing(session, settings.ADMIN_USERNAME, password_hash):
+            log.info("created admin user %r", settings.ADMIN_USERNAME)
+
+
+async def keep_provisioning_admin(settings: Settings, sessionmaker: SessionMaker) -> None:
+    """Retry with backoff until the database (and its schema) is there."""
+    delay = 1.0
+    while True:
+        await asyncio.sleep(delay)
+        try:
+            await provision_admin(settings, sessionmaker)
+            return
+        except Exception as error:  # noqa: BLE001 - any failure here is retried, never fatal
+            delay = min(delay * 2, 30.0)
+            log.warning("admin user not provisioned yet (%s); retrying in %.0f s", error, delay)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings or get_settings()
+    app.state.settings = settings
+    logging.basicConfig(
+        level=settings.LOG_LEVEL,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    engine = create_engine(settings)
+    app.state.sessionmaker = create_sessionmaker(engine)
+    app.state.redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    # Warm the timing-equaliser hash now rather than on the first unknown-user login.
+    await asyncio.to_thread(dummy_hash)
+    provisioning: asyncio.Task[None] | None = None
+    try:
+        await provision_admin(settings, app.state.sessionmaker)
+    except Exception as error:  # noqa: BLE001 - the API serves reads (and /ready) meanwhile
+        log.warning("admin user not provisioned (%s); retrying in the background", error)
+        provisioning = asyncio.create_task(
+            keep_provisioning_admin(settings, app.state.sessionmaker)
+        )
+    try:
+        yield
+    finally:
+        if provisioning is not None:
+            provisioning.cancel()
+            with suppress(asyncio.CancelledError):
+                await provisioning
+        await app.state.redis.aclose()
+        await engine.dispose()
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def problem_response(
+    status: int,
+    detail: str | None = None,
+    *,
+    headers: Mapping[str, str] | None = None,
+    errors: list[ProblemItem] | None = None,
+) -> JSONResponse:
+    body = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail, errors=errors)
+    return JSONResponse(
+        body.model_dump(exclude_none=True),
+        status_code=status,
+        headers=headers,
+        media_type=PROBLEM_MEDIA_TYPE,
+    )
+
+
+def _dotted(loc: Iterable[str | int]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def _message(error: Mapping[str, Any]) -> str:
+    pattern = error.get("ctx", {}).get("pattern")
+    return PATTERN_MESSAGES.get(pattern, error["msg"]) if pattern else str(error["msg"])
+
+
+async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, RequestValidationError)
+    items = [ProblemItem(loc=list(e["loc"]), msg=_message(e)) for e in error.errors()]
+    summary = "; ".join(f"{_dotted(item.loc)}: {item.msg}" for item in items[:3])
+    more = f" (and {len(items) - 3} more)" if len(items) > 3 else ""
+    return problem_response(422, f"Invalid request: {summary}{more}", errors=items)
+
+
+async def on_service_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, ServiceError)
+    return problem_response(error.status, error.detail, headers=error.headers)
+
+
+def _allowed_methods(request: Request) -> str:
+    # Starlette names only the first route that matches the path; list every one's methods.
+    methods: set[str] = set()
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE:
+            methods |= route.methods or set()
+    return ", ".join(sorted(methods))
+
+
+async def on_http_error(request: Request, error: Exception) -> JSONResponse:
+    assert isinstance(error, StarletteHTTPException)
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    return problem_response(error.status_code, str(error.detail), headers=headers)
+
+
+async def on_database_error(request: Request, error: Exception) -> JSONResponse:
+    mapped = classify_db_error(error)
+    if mapped is None:
+        log.exception("unexpected database error on %s %s", request.method, request.url.path)
+        return problem_response(500, "An unexpected error occurred.")
+    log.warning("database fault on %s %s: %r", request.method, request.url.path, error)
+    return await on_service_error(request, mapped)
+
+
+async def on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
+    # The traceback goes to the log (Starlette re-raises after this), never to the client.
+    return problem_response(500, "An unexpected error occurred.")
+
+
+def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the problem responses an operation can give."""
+    return {
+        status: {"model": Problem, "description": HTTPStatus(status).phrase} for status in statuses
+    }
+
+
+def openapi_with_problems(app: FastAPI) -> dict[str, Any]:
+    """The generated document, with every error response declared as application/problem+json."""
+    if app.openapi_schema is None:
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        problem_ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
+        for operation in (op for path in schema["paths"].values() for op in path.values()):
+            for status, response in operation.get("responses", {}).items():
+                if int(status) >= 400:
+                    response["content"] = {PROBLEM_MEDIA_TYPE: problem_ref}
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.pop(unused, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
+# --- routes ------------------------------------------------------------------------------------
+
+router = APIRouter()
+
+
+@router.post("/auth/token", tags=["auth"], responses=problems(401, 422, 503))
+async def issue_access_token(
+    request: Request,
+    session: SessionDep,
+    username: Annotated[str, Form(min_length=1, max_length=64, pattern=USERNAME_PATTERN)],
+    password: Annotated[str, Form(min_length=1, max_length=1024)],
+    grant_type: Annotated[Literal["password"] | None, Form()] = None,
+) -> Token:
+    """Exchange a username and password (OAuth2 password flow) for a bearer token."""
+    user = await authenticate(session, username, password)
+    if user is None:
+        raise Unauthorized("Incorrect username or password.")
+    return issue_token(user, request.app.state.settings)
+
+
+@router.get("/pets", tags=["pets"], responses=problems(422, 503))
+async def list_pets(session: SessionDep, query: Annotated[PetQuery, Query()]) -> PetPage:
+    """List pets, filtered, sorted and paged."""
+    pets, total = await crud.list_pets(session, query)
+    return PetPage(items=pets, total=total, limit=query.limit, offset=query.offset)  # type: ignore[arg-type]
+
+
+@router.get("/pets/{pet_id}", tags=["pets"], responses=problems(404, 422, 503))
+async def get_pet(session: SessionDep, pet_id: PetId) -> PetPublic:
+    """One pet by id."""
+    return await crud.get_pet(session, pet_id)  # type: ignore[return-value]
+
+
+@router.post(
+    "/pets",
+    status_code=201,
+    tags=["pets"],
+    responses={
+        201: {
+            "headers": {
+                "Location": {
+                    "description": "URL of the new pet",
+                    "schema": {"type": "string"},
+                }
+            }
+        },
+        **problems(401, 422, 503),
+    },
+)
+async def create_pet(
+    request: Request,
+    response: Response,
+    session: SessionDep,
+    user: CurrentUser,
+    pet: PetCreate,
+) -> PetPublic:
+    """Add a pet."""
+    created = await crud.create_pet(session, pet)
+    response.headers["Location"] = str(request.url_for("get_pet", pet_id=created.id))
+    return created  # type: ignore[return-value]
+
+
+@router.put("/pets/{pet_id}", tags=["pets"], responses=problems(401, 404, 422, 503))
+async def replace_pet(
+    session: SessionDep, user: CurrentUser, pet_id: PetId, pet: PetCreate
+) -> PetPublic:
+    """Replace every field of a pet."""
+    return await crud.replace_pet(session, pet_id, pet)  # type: ignore[return-value]
+
+
+@router.patch("/pets/{pet_id}", tags=["pets"], responses=problems(401, 404, 422, 503))
+async def patch_pet(
+    session: SessionDep, user: CurrentUser, pet_id: PetId, changes: PetUpdate
+) -> PetPublic:
+    """Change some fields of a pet."""
+    return await crud.patch_pet(session, pet_id, changes)  # type: ignore[return-value]
+
+
+@router.delete(
+    "/pets/{pet_id}",
+    status_code=204,
+    response_class=Response,
+    tags=["pets"],
+    responses=problems(401, 404, 422, 503),
+)
+async def delete_pet(session: SessionDep, user: CurrentUser, pet_id: PetId) -> None:
+    """Remove a pet."""
+    await crud.delete_pet(session, pet_id)
+
+
+@router.get("/health", tags=["operations"])
+async def health() -> Health:
+    """The process is alive (it checks nothing else)."""
+    return Health()
+
+
+async def _reachable(check: Any) -> bool:
+    try:
+        async with asyncio.timeout(READY_CHECK_TIMEOUT_SECONDS):
+            await check
+    except Exception as error:  # noqa: BLE001 - any failure means "not ready"
+        log.warning("readiness check failed: %r", error)
+        return False
+    return True
+
+
+async def _ping_database(sessionmaker: SessionMaker) -> None:
+    async with sessionmaker() as session:
+        await session.exec(text("SELECT 1"))  # type: ignore[call-overload]
+
+
+@router.get("/ready", tags=["operations"], responses=problems(503))
+async def ready(request: Request) -> Readiness:
+    """The database and Redis are reachable; 503 naming the one that is not."""
+    database_ok, redis_ok = await asyncio.gather(
+        _reachable(_ping_database(request.app.state.sessionmaker)),
+        _reachable(request.app.state.redis.ping()),
+    )
+    down = [name for name, ok in (("database", database_ok), ("redis", redis_ok)) if not ok]
+    if down:
+        raise Unavailable(f"Not ready: {' and '.join(down)} unreachable.")
+    return Readiness()
+
+
+# --- the app -----------------------------------------------------------------------------------
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; without explicit settings they are read from the environment at start-up."""
+    app = FastAPI(
+        title="Pets and ad metrics",
+        version="1.0.0",
+        description="A pet directory (JWT-protected writes) and an ad-metrics analytics API.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.include_router(router)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(ServiceError, on_service_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(sa_exc.SQLAlchemyError, on_database_error)
+    app.add_exception_handler(OSError, on_database_error)
+    app.add_exception_handler(Exception, on_unexpected_error)
+    app.openapi = lambda: openapi_with_problems(app)  # type: ignore[method-assign]
+    return app
+
+
+app = create_app()

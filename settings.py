@@ -1,0 +1,59 @@
+"""Service configuration, read from the environment (and an optional .env file)."""
+
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Development defaults: they make `docker compose up` work without set-up and are refused elsewhere.
+PLACEHOLDER_JWT_SECRET = "dev-only-placeholder-secret-change-me-please"  # noqa: S105
+PLACEHOLDER_ADMIN_PASSWORD = "admin"  # noqa: S105
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+
+    ENVIRONMENT: Literal["development", "test", "production"] = "production"
+    DATABASE_URL: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/pets"
+    REDIS_URL: str = "redis://127.0.0.1:6379/0"
+    JWT_SECRET: SecretStr = SecretStr(PLACEHOLDER_JWT_SECRET)
+    ACCESS_TOKEN_MINUTES: int = Field(default=30, ge=1, le=24 * 60)
+    ADMIN_USERNAME: str = Field(default="admin", min_length=1, max_length=64)
+    ADMIN_PASSWORD: SecretStr = SecretStr(PLACEHOLDER_ADMIN_PASSWORD)
+    LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    DB_POOL_SIZE: int = Field(default=10, ge=1)
+    DB_MAX_OVERFLOW: int = Field(default=10, ge=0)
+    # Seconds a request waits for a pooled connection before it is answered 503.
+    DB_POOL_TIMEOUT: float = Field(default=5.0, gt=0)
+    DB_CONNECT_TIMEOUT: float = Field(default=5.0, gt=0)
+    # Server-side statement_timeout for the service's sessions (migrations are not bound by it).
+    DB_STATEMENT_TIMEOUT_MS: int = Field(default=15_000, ge=0)
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def use_asyncpg_driver(cls, url: str) -> str:
+        """Accept the plain `postgresql://` form that most tools print."""
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+asyncpg://" + url.removeprefix(prefix)
+        if not url.startswith("postgresql+asyncpg://"):
+            raise ValueError("DATABASE_URL must be a postgresql:// or postgresql+asyncpg:// URL")
+        return url
+
+    @model_validator(mode="after")
+    def refuse_placeholders_outside_development(self) -> "Settings":
+        secret = self.JWT_SECRET.get_secret_value()
+        if len(secret.encode()) < 32:
+            raise ValueError("JWT_SECRET must be at least 32 bytes long")
+        if self.ENVIRONMENT != "development":
+            if secret == PLACEHOLDER_JWT_SECRET:
+                raise ValueError("JWT_SECRET still has its development placeholder; set a secret")
+            if self.ADMIN_PASSWORD.get_secret_value() == PLACEHOLDER_ADMIN_PASSWORD:
+                raise ValueError("ADMIN_PASSWORD still has its development placeholder; set one")
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The one test command: sets up .venv from requirements-dev.txt, then runs ruff, mypy and pytest.
+# Needs PostgreSQL and Redis (TEST_POSTGRES_URL / TEST_REDIS_URL; local defaults); extra
+# arguments go to pytest.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "==> creating .venv"
+    "$python" -m venv .venv
+fi
+stamp=.venv/.requirements.sha256
+wanted=$(cat requirements.txt requirements-dev.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+    echo "==> installing requirements-dev.txt"
+    .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+    echo "$wanted" > "$stamp"
+fi
+
+echo "==> ruff"
+.venv/bin/ruff check .
+.venv/bin/ruff format --check .
+echo "==> mypy"
+.venv/bin/mypy
+echo "==> pytest"
+.venv/bin/pytest "$@"

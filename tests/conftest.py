@@ -1,0 +1,146 @@
+"""Shared fixtures: a fresh, migrated database per run, the app with its lifespan, clients."""
+
+import asyncio
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import httpx
+import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from sqlalchemy.engine import make_url
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from alembic import command
+from alembic.config import Config
+from main import create_app
+from settings import Settings
+
+# The servers the suite runs against; each run makes (and drops) its own database there.
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+ADMIN_USERNAME = "admin"
+ADMIN_PASSWORD = "admin-password-for-tests"
+JWT_SECRET = "test-secret-that-is-long-enough-for-hs256"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+async def _check_postgres() -> None:
+    connection = await asyncpg.connect(POSTGRES_URL, timeout=5)
+    await connection.close()
+
+
+async def _check_redis() -> None:
+    client = Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Stop at once, naming the server, when PostgreSQL or Redis cannot be reached."""
+    missing = []
+    for name, url, check in (
+        ("PostgreSQL", POSTGRES_URL, _check_postgres),
+        ("Redis", REDIS_URL, _check_redis),
+    ):
+        try:
+            asyncio.run(check())
+        except Exception as error:  # noqa: BLE001 - reported to the user below
+            missing.append(f"{name} is not reachable at {url} ({error!r})")
+    if missing:
+        pytest.exit(
+            "Cannot run the tests:\n  "
+            + "\n  ".join(missing)
+            + "\nStart the server(s), or point TEST_POSTGRES_URL / TEST_REDIS_URL at running ones.",
+            returncode=3,
+        )
+
+
+def alembic_config(database_url: str) -> Config:
+    config = Config(os.path.join(ROOT, "alembic.ini"))
+    config.attributes["database_url"] = database_url
+    config.attributes["configure_logging"] = False
+    return config
+
+
+async def _admin_execute(sql: str) -> None:
+    connection = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+def database_url_for(name: str) -> str:
+    url = make_url(POSTGRES_URL).set(drivername="postgresql+asyncpg", database=name)
+    return url.render_as_string(hide_password=False)
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    """A database made for this run, migrated to head by Alembic, dropped afterwards."""
+    name = f"test_pets_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
+    url = database_url_for(name)
+    try:
+        command.upgrade(alembic_config(url), "head")
+        yield url
+    finally:
+        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def make_settings(database_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "ENVIRONMENT": "test",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": REDIS_URL,
+        "JWT_SECRET": JWT_SECRET,
+        "ADMIN_USERNAME": ADMIN_USERNAME,
+        "ADMIN_PASSWORD": ADMIN_PASSWORD,
+    }
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+@pytest.fixture(scope="session")
+def settings(database_url: str) -> Settings:
+    return make_settings(database_url)
+
+
+@pytest.fixture(scope="session")
+async def app(settings: Settings) -> AsyncIterator[FastAPI]:
+    application = create_app(settings)
+    async with LifespanManager(application):
+        yield application
+
+
+def client_for(application: FastAPI, **options: object) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=application, **options)  # type: ignore[arg-type]
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+@pytest.fixture
+async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    async with client_for(app) as http:
+        yield http
+
+
+@pytest.fixture
+async def session(app: FastAPI) -> AsyncIterator[AsyncSession]:
+    async with app.state.sessionmaker() as db_session:
+        yield db_session
+
+
+@pytest.fixture(scope="session")
+async def auth_headers(app: FastAPI) -> dict[str, str]:
+    async with client_for(app) as http:
+        response = await http.post(
+            "/auth/token", data={"username": ADMIN_USERNAME, "password": ADMIN_PASSWORD}
+        )
+    assert response.status_code == 200, response.text
+    return {"Authorization": f"Bearer {response.json()['access_token']}"}

@@ -1,0 +1,255 @@
+"""Tokens, the bearer dependency, the admin account, `cli.py create-user` and secret settings."""
+
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from jwt.warnings import InsecureKeyLengthWarning
+from pydantic import ValidationError
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+import auth
+import crud
+from main import provision_admin
+from settings import PLACEHOLDER_JWT_SECRET, Settings
+from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, JWT_SECRET, ROOT, make_settings
+
+
+async def login(client: httpx.AsyncClient, username: str, password: str) -> httpx.Response:
+    return await client.post("/auth/token", data={"username": username, "password": password})
+
+
+async def admin_id(session: AsyncSession) -> int:
+    user = await crud.get_user_by_username(session, ADMIN_USERNAME)
+    assert user is not None and user.id is not None
+    return user.id
+
+
+async def test_token_is_an_hs256_jwt_with_subject_and_expiry(client: httpx.AsyncClient) -> None:
+    response = await login(client, ADMIN_USERNAME, ADMIN_PASSWORD)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["token_type"] == "bearer"
+    assert body["expires_in"] == 30 * 60
+    assert jwt.get_unverified_header(body["access_token"])["alg"] == "HS256"
+    claims = jwt.decode(body["access_token"], JWT_SECRET, algorithms=["HS256"])
+    assert claims["sub"].isdigit()
+    expires = datetime.fromtimestamp(claims["exp"], UTC)
+    assert timedelta(minutes=29) < expires - datetime.now(UTC) <= timedelta(minutes=30)
+
+
+async def test_token_opens_writes(client: httpx.AsyncClient) -> None:
+    token = (await login(client, ADMIN_USERNAME, ADMIN_PASSWORD)).json()["access_token"]
+    response = await client.post(
+        "/pets",
+        json={"name": "Rex", "pet_type": "dog"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert response.status_code == 201
+
+
+@pytest.mark.parametrize(
+    ("username", "password"),
+    [
+        (ADMIN_USERNAME, "wrong-password"),
+        ("nobody", ADMIN_PASSWORD),
+        (ADMIN_USERNAME.upper(), ADMIN_PASSWORD),
+    ],
+)
+async def test_login_with_bad_credentials_is_401(
+    client: httpx.AsyncClient, username: str, password: str
+) -> None:
+    response = await login(client, username, password)
+    assert response.status_code == 401
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["detail"] == "Incorrect username or password."
+
+
+@pytest.mark.parametrize(
+    "form",
+    [
+        {"username": ADMIN_USERNAME},
+        {"password": ADMIN_PASSWORD},
+        {"username": "", "password": ADMIN_PASSWORD},
+        {"username": "a\x00b", "password": ADMIN_PASSWORD},
+        {"username": "u" * 65, "password": ADMIN_PASSWORD},
+        {"username": ADMIN_USERNAME, "password": "p" * 1025},
+        {
+            "username": ADMIN_USERNAME,
+            "password": ADMIN_PASSWORD,
+            "grant_type": "client_credentials",
+        },
+    ],
+)
+async def test_login_rejects_malformed_forms(
+    client: httpx.AsyncClient, form: dict[str, str]
+) -> None:
+    response = await client.post("/auth/token", data=form)
+    assert response.status_code == 422
+    assert response.json()["errors"]
+
+
+async def test_unknown_user_costs_one_hash_verification_like_a_wrong_password(
+    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    real_verify = auth.password_hasher.verify
+
+    def counting_verify(password: str, password_hash: str) -> bool:
+        calls.append(password_hash)
+        return real_verify(password, password_hash)
+
+    monkeypatch.setattr(auth.password_hasher, "verify", counting_verify)
+    assert (await login(client, "nobody", "wrong-password")).status_code == 401
+    assert (await login(client, ADMIN_USERNAME, "wrong-password")).status_code == 401
+    assert len(calls) == 2
+    # Both are full argon2 verifications with the same parameters.
+    assert calls[0].rsplit("$", 2)[0] == calls[1].rsplit("$", 2)[0]
+
+
+def forge(claims: dict[str, Any], key: str = JWT_SECRET, algorithm: str = "HS256") -> str:
+    with warnings.catch_warnings():
+        # HS512 wants a 64-byte key; the forged token only has to look like an attacker's.
+        warnings.simplefilter("ignore", InsecureKeyLengthWarning)
+        return jwt.encode(claims, key, algorithm=algorithm)
+
+
+def later(minutes: int = 10) -> datetime:
+    return datetime.now(UTC) + timedelta(minutes=minutes)
+
+
+TokenMaker = Callable[[int], str]
+
+BAD_TOKENS: dict[str, TokenMaker] = {
+    "wrong key": lambda uid: forge({"sub": str(uid), "exp": later()}, key="x" * 40),
+    "expired": lambda uid: forge({"sub": str(uid), "exp": later(-1)}),
+    "no exp": lambda uid: forge({"sub": str(uid)}),
+    "no sub": lambda uid: forge({"exp": later()}),
+    "alg none": lambda uid: jwt.encode({"sub": str(uid), "exp": later()}, None, algorithm="none"),
+    "other algorithm": lambda uid: forge({"sub": str(uid), "exp": later()}, algorithm="HS512"),
+    "unknown user": lambda uid: forge({"sub": "2147483647", "exp": later()}),
+    "non-numeric sub": lambda uid: forge({"sub": "admin", "exp": later()}),
+    "sub beyond id range": lambda uid: forge({"sub": "99999999999999999999", "exp": later()}),
+    "integer sub": lambda uid: forge({"sub": uid, "exp": later()}),
+    "malformed": lambda uid: "not.a.jwt",
+    "empty": lambda uid: "",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_TOKENS))
+async def test_bad_tokens_are_401_with_bearer_challenge(
+    client: httpx.AsyncClient, session: AsyncSession, kind: str
+) -> None:
+    token = BAD_TOKENS[kind](await admin_id(session))
+    response = await client.post(
+        "/pets",
+        json={"name": "Rex", "pet_type": "dog"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert response.status_code == 401, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_a_well_forged_token_is_accepted(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    """The counterpart of the bad tokens above: only what they break makes them fail."""
+    token = forge({"sub": str(await admin_id(session)), "exp": later()})
+    response = await client.post(
+        "/pets",
+        json={"name": "Rex", "pet_type": "dog"},
+        headers={"Authorization": f"Bearer {token}"},
+    )
+    assert response.status_code == 201
+
+
+@pytest.mark.parametrize("header", ["Basic YWRtaW46YWRtaW4=", "Bearer", "Token abc"])
+async def test_other_authorization_schemes_are_401(client: httpx.AsyncClient, header: str) -> None:
+    response = await client.delete("/pets/1", headers={"Authorization": header})
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_admin_is_provisioned_but_never_overwritten(settings: Settings, app: Any) -> None:
+    changed = make_settings(settings.DATABASE_URL, ADMIN_PASSWORD="a-different-password")
+    await provision_admin(changed, app.state.sessionmaker)
+    async with app.state.sessionmaker() as session:
+        assert await auth.authenticate(session, ADMIN_USERNAME, ADMIN_PASSWORD) is not None
+        assert await auth.authenticate(session, ADMIN_USERNAME, "a-different-password") is None
+
+
+def run_cli(settings: Settings, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "ENVIRONMENT": "test",
+        "DATABASE_URL": settings.DATABASE_URL,
+        "JWT_SECRET": JWT_SECRET,
+        "ADMIN_PASSWORD": ADMIN_PASSWORD,
+    }
+    return subprocess.run(
+        [sys.executable, "cli.py", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+async def test_cli_create_user_adds_a_user_who_can_log_in(
+    settings: Settings, client: httpx.AsyncClient
+) -> None:
+    result = run_cli(settings, "create-user", "editor", "--password-stdin", stdin="s3cret-pass\n")
+    assert result.returncode == 0, result.stderr
+    assert "created user 'editor'" in result.stdout
+    assert (await login(client, "editor", "s3cret-pass")).status_code == 200
+
+    again = run_cli(settings, "create-user", "editor", "--password-stdin", stdin="other-pass\n")
+    assert again.returncode == 1
+    assert "already exists" in again.stderr
+    assert (await login(client, "editor", "s3cret-pass")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("username", "password", "message"),
+    [("bad name", "long-enough", "username"), ("shortpw", "short", "password")],
+)
+def test_cli_create_user_rejects_invalid_accounts(
+    settings: Settings, username: str, password: str, message: str
+) -> None:
+    result = run_cli(settings, "create-user", username, "--password-stdin", stdin=password + "\n")
+    assert result.returncode == 1
+    assert message in result.stderr
+
+
+def test_placeholder_secret_is_refused_outside_development() -> None:
+    with pytest.raises(ValidationError, match="JWT_SECRET"):
+        Settings(
+            ENVIRONMENT="production", JWT_SECRET=PLACEHOLDER_JWT_SECRET, ADMIN_PASSWORD="x" * 12
+        )
+    with pytest.raises(ValidationError, match="ADMIN_PASSWORD"):
+        Settings(ENVIRONMENT="production", JWT_SECRET="s" * 40)
+    assert (
+        Settings(ENVIRONMENT="development").JWT_SECRET.get_secret_value() == PLACEHOLDER_JWT_SECRET
+    )
+
+
+def test_short_secret_is_refused() -> None:
+    with pytest.raises(ValidationError, match="32 bytes"):
+        Settings(ENVIRONMENT="development", JWT_SECRET="too-short")
+
+
+def test_plain_postgres_url_gets_the_async_driver() -> None:
+    settings = Settings(ENVIRONMENT="development", DATABASE_URL="postgresql://u@h:5432/d")
+    assert settings.DATABASE_URL == "postgresql+asyncpg://u@h:5432/d"
