@@ -1,18 +1,20 @@
-"""Operator commands: `python cli.py create-user NAME [--password-stdin]`."""
+"""Operator commands: `python cli.py create-user NAME [--password-stdin]`, `report-now`."""
 
 import argparse
 import asyncio
 import getpass
 import sys
 
+from arq.connections import RedisSettings, create_pool
 from pydantic import ValidationError
+from redis.exceptions import RedisError
 from sqlalchemy.exc import SQLAlchemyError
 
 import crud
 from auth import hash_password
 from db import create_engine, create_sessionmaker
 from models import UserCreate
-from settings import Settings, get_settings
+from settings import REPORT_JOB, Settings, get_settings
 
 
 def fail(message: str) -> int:
@@ -53,7 +55,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     create.add_argument(
         "--password-stdin", action="store_true", help="read the password from standard input"
     )
+    commands.add_parser("report-now", help="have a running worker print a pet report now")
     return parser.parse_args(argv)
+
+
+async def request_report(settings: Settings) -> str:
+    """Enqueue a report for the next free worker; returns the job id."""
+    redis = await create_pool(RedisSettings.from_dsn(settings.REDIS_URL))
+    try:
+        job = await redis.enqueue_job(REPORT_JOB)
+    finally:
+        await redis.aclose()
+    assert job is not None  # only a job id given by the caller can already exist
+    return job.job_id
+
+
+def report_now(settings: Settings) -> int:
+    try:
+        job_id = asyncio.run(request_report(settings))
+    except (OSError, RedisError) as error:
+        return fail(f"Redis is unavailable ({error.__class__.__name__}: {error})")
+    print(f"report requested (job {job_id}); a worker prints it to its STDOUT")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = get_settings()
     except ValidationError as error:
         return fail(f"invalid configuration:\n{error}")
+    if args.command == "report-now":
+        return report_now(settings)
     try:
         account = UserCreate(username=args.username, password=read_password(args.password_stdin))
     except ValidationError as error:

@@ -1,15 +1,16 @@
 """Every query of the service, as plain async functions over a session."""
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, func
+from sqlalchemy import ColumnElement, Row, func, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlmodel import col, delete, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from errors import NotFound
-from models import Pet, PetCreate, PetQuery, PetUpdate, User
+from models import Pet, PetCreate, PetQuery, PetTypeStats, PetUpdate, User
 
 
 def _pet_filters(query: PetQuery) -> list[ColumnElement[bool]]:
@@ -87,6 +88,41 @@ async def delete_pet(session: AsyncSession, pet_id: int) -> None:
     if result.scalar_one_or_none() is None:
         raise _not_found(pet_id)
     await session.commit()
+
+
+async def pet_type_stats(session: AsyncSession) -> list[PetTypeStats]:
+    """Count, largest id and longest name per pet type, ordered by type."""
+    result = await session.exec(
+        select(
+            col(Pet.pet_type),
+            func.count().label("count"),
+            func.max(col(Pet.id)).label("max_id"),
+            func.max(func.char_length(col(Pet.name))).label("longest_name"),
+        )
+        .group_by(col(Pet.pet_type))
+        .order_by(col(Pet.pet_type))
+    )
+    return [PetTypeStats.model_validate(row, from_attributes=True) for row in result.all()]
+
+
+# (id, name, pet_type, created_at); the table model types id and created_at as optional.
+PetRow = Row[int | None, str, str, datetime | None]
+
+
+async def stream_pets(session: AsyncSession) -> AsyncIterator[PetRow]:
+    """Every pet by id, fetched in batches through a server-side cursor (memory stays flat)."""
+    result = await session.stream(
+        select(col(Pet.id), col(Pet.name), col(Pet.pet_type), col(Pet.created_at))
+        .order_by(col(Pet.id))
+        .execution_options(yield_per=2000)
+    )
+    async for row in result:
+        yield row
+
+
+async def ping(session: AsyncSession) -> None:
+    """A round trip to the database; raises when it cannot be reached."""
+    await session.exec(text("SELECT 1"))  # type: ignore[call-overload]
 
 
 async def get_user(session: AsyncSession, user_id: int) -> User | None:

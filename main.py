@@ -2,8 +2,9 @@
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
+from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
@@ -14,7 +15,6 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from redis.asyncio import Redis
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import text
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -37,7 +37,7 @@ from models import (
     Readiness,
     Token,
 )
-from settings import Settings, get_settings
+from settings import HEARTBEAT_KEY, Settings, configure_logging, get_settings
 
 log = logging.getLogger("pets.api")
 
@@ -77,10 +77,7 @@ async def keep_provisioning_admin(settings: Settings, sessionmaker: SessionMaker
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings or get_settings()
     app.state.settings = settings
-    logging.basicConfig(
-        level=settings.LOG_LEVEL,
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
+    configure_logging(settings.LOG_LEVEL)
     engine = create_engine(settings)
     app.state.sessionmaker = create_sessionmaker(engine)
     app.state.redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
@@ -301,7 +298,7 @@ async def health() -> Health:
     return Health()
 
 
-async def _reachable(check: Any) -> bool:
+async def _reachable(check: Awaitable[Any]) -> bool:
     try:
         async with asyncio.timeout(READY_CHECK_TIMEOUT_SECONDS):
             await check
@@ -313,20 +310,28 @@ async def _reachable(check: Any) -> bool:
 
 async def _ping_database(sessionmaker: SessionMaker) -> None:
     async with sessionmaker() as session:
-        await session.exec(text("SELECT 1"))  # type: ignore[call-overload]
+        await crud.ping(session)
+
+
+async def _last_heartbeat(redis: Redis) -> datetime | None:
+    recorded = await redis.get(HEARTBEAT_KEY)
+    return datetime.fromisoformat(recorded.decode()) if recorded else None
 
 
 @router.get("/ready", tags=["operations"], responses=problems(503))
 async def ready(request: Request) -> Readiness:
-    """The database and Redis are reachable; 503 naming the one that is not."""
+    """The database and Redis are reachable (503 naming the one that is not), and when the
+    worker's heartbeat last ran."""
+    redis: Redis = request.app.state.redis
     database_ok, redis_ok = await asyncio.gather(
-        _reachable(_ping_database(request.app.state.sessionmaker)),
-        _reachable(request.app.state.redis.ping()),
+        _reachable(_ping_database(request.app.state.sessionmaker)), _reachable(redis.ping())
     )
     down = [name for name, ok in (("database", database_ok), ("redis", redis_ok)) if not ok]
     if down:
         raise Unavailable(f"Not ready: {' and '.join(down)} unreachable.")
-    return Readiness()
+    heartbeat = await _last_heartbeat(redis)
+    age = None if heartbeat is None else int((datetime.now(UTC) - heartbeat).total_seconds())
+    return Readiness(worker_heartbeat_at=heartbeat, worker_heartbeat_age_seconds=age)
 
 
 # --- the app -----------------------------------------------------------------------------------

@@ -110,6 +110,14 @@ class PetPage(SQLModel):
     offset: int
 
 
+# Per-type figures the worker's report needs before it streams the pets (counts, column widths).
+class PetTypeStats(SQLModel):
+    pet_type: str
+    count: int
+    max_id: int
+    longest_name: int
+
+
 # The `user` table: accounts that may write. The hash never leaves the service.
 class User(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
@@ -154,3 +162,9 @@ class Readiness(SQLModel):
     status: Literal["ready"] = "ready"
     database: Literal["ok"] = "ok"
     redis: Literal["ok"] = "ok"
+    worker_heartbeat_at: datetime | None = Field(
+        default=None, description="When the worker's heartbeat job last ran (UTC); null if never."
+    )
+    worker_heartbeat_age_seconds: int | None = Field(
+        default=None, description="Seconds since then; the heartbeat runs every 6 hours."
+    )

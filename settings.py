@@ -1,10 +1,17 @@
 """Service configuration, read from the environment (and an optional .env file)."""
 
+import logging
+import sys
 from functools import lru_cache
 from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Redis key where the worker's heartbeat job records when it last ran (read by GET /ready).
+HEARTBEAT_KEY = "pets:worker:heartbeat"
+# The worker's job that prints a report on demand (`python cli.py report-now` enqueues it).
+REPORT_JOB = "pet_report"
 
 # Development defaults: they make `docker compose up` work without set-up and are refused elsewhere.
 PLACEHOLDER_JWT_SECRET = "dev-only-placeholder-secret-change-me-please"  # noqa: S105
@@ -57,3 +64,13 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def configure_logging(level: str) -> None:
+    """Send the service's own logs to STDERR (the worker's STDOUT carries reports only)."""
+    logger = logging.getLogger("pets")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(level)

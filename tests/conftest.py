@@ -2,6 +2,9 @@
 
 import asyncio
 import os
+import random
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -11,6 +14,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from redis.asyncio import Redis
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -19,13 +23,20 @@ from alembic.config import Config
 from main import create_app
 from settings import Settings
 
-# The servers the suite runs against; each run makes (and drops) its own database there.
+# The servers the suite runs against; each run makes (and drops) its own database there, and
+# takes an empty Redis database (by number) for itself.
 POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+REDIS_SERVER_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 ADMIN_USERNAME = "admin"
 ADMIN_PASSWORD = "admin-password-for-tests"
 JWT_SECRET = "test-secret-that-is-long-enough-for-hs256"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Modules that read settings at import (worker.WorkerSettings) and the processes tests start
+# see a test configuration, never the service's production defaults.
+os.environ.update(
+    {"ENVIRONMENT": "test", "JWT_SECRET": JWT_SECRET, "ADMIN_PASSWORD": ADMIN_PASSWORD}
+)
 
 
 async def _check_postgres() -> None:
@@ -34,11 +45,40 @@ async def _check_postgres() -> None:
 
 
 async def _check_redis() -> None:
-    client = Redis.from_url(REDIS_URL, socket_connect_timeout=5)
+    client = Redis.from_url(REDIS_SERVER_URL, socket_connect_timeout=5)
     try:
         await client.ping()
     finally:
         await client.aclose()
+
+
+async def _claim_empty_redis_database() -> str:
+    """The URL of a numbered Redis database with no keys, for this run alone."""
+    for number in random.sample(range(1, 16), 15):
+        url = make_url(REDIS_SERVER_URL).set(database=str(number)).render_as_string(False)
+        client = Redis.from_url(url)
+        try:
+            if await client.dbsize() == 0:
+                await client.set("pets:test-run", "claimed", ex=3600)
+                return url
+        finally:
+            await client.aclose()
+    raise RuntimeError(f"no empty database (1-15) on the Redis server at {REDIS_SERVER_URL}")
+
+
+async def flush_redis(url: str) -> None:
+    client = Redis.from_url(url)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
+
+
+CLAIMED_REDIS = pytest.StashKey[str]()
+
+
+def redis_url() -> str:
+    return os.environ["REDIS_URL"]
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -46,7 +86,7 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     missing = []
     for name, url, check in (
         ("PostgreSQL", POSTGRES_URL, _check_postgres),
-        ("Redis", REDIS_URL, _check_redis),
+        ("Redis", REDIS_SERVER_URL, _check_redis),
     ):
         try:
             asyncio.run(check())
@@ -59,6 +99,15 @@ def pytest_sessionstart(session: pytest.Session) -> None:
             + "\nStart the server(s), or point TEST_POSTGRES_URL / TEST_REDIS_URL at running ones.",
             returncode=3,
         )
+    session.config.stash[CLAIMED_REDIS] = os.environ["REDIS_URL"] = asyncio.run(
+        _claim_empty_redis_database()
+    )
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    claimed = session.config.stash.get(CLAIMED_REDIS, None)
+    if claimed is not None:
+        asyncio.run(flush_redis(claimed))
 
 
 def alembic_config(database_url: str) -> Config:
@@ -98,7 +147,7 @@ def make_settings(database_url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "ENVIRONMENT": "test",
         "DATABASE_URL": database_url,
-        "REDIS_URL": REDIS_URL,
+        "REDIS_URL": redis_url(),
         "JWT_SECRET": JWT_SECRET,
         "ADMIN_USERNAME": ADMIN_USERNAME,
         "ADMIN_PASSWORD": ADMIN_PASSWORD,
@@ -144,3 +193,24 @@ async def auth_headers(app: FastAPI) -> dict[str, str]:
         )
     assert response.status_code == 200, response.text
     return {"Authorization": f"Bearer {response.json()['access_token']}"}
+
+
+@pytest.fixture
+async def empty_pet_table(session: AsyncSession) -> None:
+    await session.exec(text("TRUNCATE pet RESTART IDENTITY"))  # type: ignore[call-overload]
+    await session.commit()
+
+
+def run_cli(settings: Settings, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """`python cli.py ...` against the test database and Redis."""
+    env = {**os.environ, "DATABASE_URL": settings.DATABASE_URL, "REDIS_URL": settings.REDIS_URL}
+    return subprocess.run(
+        [sys.executable, "cli.py", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+        check=False,
+    )

@@ -1,8 +1,5 @@
 """Tokens, the bearer dependency, the admin account, `cli.py create-user` and secret settings."""
 
-import os
-import subprocess
-import sys
 import warnings
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -19,7 +16,7 @@ import auth
 import crud
 from main import provision_admin
 from settings import PLACEHOLDER_JWT_SECRET, Settings
-from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, JWT_SECRET, ROOT, make_settings
+from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, JWT_SECRET, make_settings, run_cli
 
 
 async def login(client: httpx.AsyncClient, username: str, password: str) -> httpx.Response:
@@ -187,26 +184,6 @@ async def test_admin_is_provisioned_but_never_overwritten(settings: Settings, ap
         assert await auth.authenticate(session, ADMIN_USERNAME, "a-different-password") is None
 
 
-def run_cli(settings: Settings, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "ENVIRONMENT": "test",
-        "DATABASE_URL": settings.DATABASE_URL,
-        "JWT_SECRET": JWT_SECRET,
-        "ADMIN_PASSWORD": ADMIN_PASSWORD,
-    }
-    return subprocess.run(
-        [sys.executable, "cli.py", *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        timeout=60,
-        check=False,
-    )
-
-
 async def test_cli_create_user_adds_a_user_who_can_log_in(
     settings: Settings, client: httpx.AsyncClient
 ) -> None:
@@ -233,6 +210,13 @@ def test_cli_create_user_rejects_invalid_accounts(
     assert message in result.stderr
 
 
+@pytest.fixture
+def no_settings_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in Settings.model_fields:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.usefixtures("no_settings_env")
 def test_placeholder_secret_is_refused_outside_development() -> None:
     with pytest.raises(ValidationError, match="JWT_SECRET"):
         Settings(
@@ -245,11 +229,13 @@ def test_placeholder_secret_is_refused_outside_development() -> None:
     )
 
 
+@pytest.mark.usefixtures("no_settings_env")
 def test_short_secret_is_refused() -> None:
     with pytest.raises(ValidationError, match="32 bytes"):
         Settings(ENVIRONMENT="development", JWT_SECRET="too-short")
 
 
+@pytest.mark.usefixtures("no_settings_env")
 def test_plain_postgres_url_gets_the_async_driver() -> None:
     settings = Settings(ENVIRONMENT="development", DATABASE_URL="postgresql://u@h:5432/d")
     assert settings.DATABASE_URL == "postgresql+asyncpg://u@h:5432/d"

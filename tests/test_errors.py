@@ -1,6 +1,5 @@
 """Every error is a problem response; database faults map to 409, 422 and 503, never a bare 500."""
 
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,15 +13,9 @@ from db import SessionDep
 from main import create_app
 from settings import Settings
 from tests.conftest import client_for, make_settings
+from tests.servers import unused_port
 
 PROBLEM = "application/problem+json"
-
-
-def unused_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-    return port
 
 
 def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:

@@ -1,6 +1,5 @@
 """The pet directory: CRUD, validation, filters, sorting and paging."""
 
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,11 +11,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 PROBLEM = "application/problem+json"
 
 
-@pytest.fixture(autouse=True)
-async def empty_pet_table(session: AsyncSession) -> AsyncIterator[None]:
-    await session.exec(text("TRUNCATE pet RESTART IDENTITY"))  # type: ignore[call-overload]
-    await session.commit()
-    yield
+pytestmark = pytest.mark.usefixtures("empty_pet_table")
 
 
 async def create(client: httpx.AsyncClient, headers: dict[str, str], **body: Any) -> Any:

@@ -1,0 +1,295 @@
+"""The arq worker: the report's exact text, heartbeat, schedule, several workers, outages."""
+
+import asyncio
+import dataclasses
+import io
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from arq.cron import CronJob
+from arq.worker import Worker, create_worker
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+import cli
+import worker
+from alembic import command
+from settings import HEARTBEAT_KEY, Settings
+from tests.conftest import alembic_config, flush_redis, redis_url, run_cli
+from tests.servers import PrivatePostgres, PrivateRedis, WorkerProcess
+
+pytestmark = pytest.mark.usefixtures("empty_pet_table")
+
+NOW = datetime(2026, 11, 24, 10, 15, 0, tzinfo=UTC)
+REPORT_HEADER = re.compile(r"^==== Pet report at (.+) UTC ====$", re.MULTILINE)
+
+KNOWN_PETS = """
+INSERT INTO pet (id, name, pet_type, created_at) VALUES
+    (1, 'Rex', 'dog', '2026-01-02 03:04:05+00'),
+    (2, 'O''Brien & <Co>', 'cat', '2026-01-02 03:04:06+00'),
+    (3, '{{ 7*7 }}', 'guinea pig', '2026-01-02 03:04:07.9+00'),
+    (10, 'Zoë', 'cat', '2026-02-03 14:15:16+00')
+"""
+
+GOLDEN_REPORT = """\
+==== Pet report at 2026-11-24 10:15:00 UTC ====
+4 pets in all, by type:
+  cat         2
+  dog         1
+  guinea pig  1
+
+ID  NAME            TYPE        CREATED (UTC)
+ 1  Rex             dog         2026-01-02 03:04:05
+ 2  O'Brien & <Co>  cat         2026-01-02 03:04:06
+ 3  {{ 7*7 }}       guinea pig  2026-01-02 03:04:07
+10  Zoë             cat         2026-02-03 14:15:16
+==== end of report ====
+"""
+
+EMPTY_REPORT = """\
+==== Pet report at 2026-11-24 10:15:00 UTC ====
+No pets in the directory yet.
+==== end of report ====
+"""
+
+
+async def render(app: FastAPI) -> str:
+    out = io.StringIO()
+    await worker.write_report(app.state.sessionmaker, worker.load_report_template(), out, NOW)
+    return out.getvalue()
+
+
+async def test_report_text_for_known_pets(app: FastAPI, session: AsyncSession) -> None:
+    await session.exec(text(KNOWN_PETS))  # type: ignore[call-overload]
+    await session.commit()
+    assert await render(app) == GOLDEN_REPORT
+
+
+async def test_report_for_an_empty_directory_says_so(app: FastAPI) -> None:
+    assert await render(app) == EMPTY_REPORT
+
+
+async def test_report_counts_what_it_lists(
+    app: FastAPI, client: httpx.AsyncClient, auth_headers: dict[str, str]
+) -> None:
+    for number in range(250):
+        response = await client.post(
+            "/pets",
+            json={"name": f"pet {number}", "pet_type": ["cat", "dog"][number % 2]},
+            headers=auth_headers,
+        )
+        assert response.status_code == 201
+    report = await render(app)
+    assert "250 pets in all" in report
+    assert "  cat   125\n  dog   125\n" in report
+    assert len(re.findall(r"^ *\d+  pet \d+ ", report, re.MULTILINE)) == 250
+
+
+async def test_heartbeat_logs_its_time_and_records_it_for_ready(
+    app: FastAPI, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="pets.worker"):
+        ran_at = await worker.heartbeat({"redis": app.state.redis})
+    stamp = datetime.fromisoformat(ran_at)
+    assert stamp.tzinfo is not None and stamp.utcoffset() == timedelta(0)
+    assert abs(datetime.now(UTC) - stamp) < timedelta(seconds=5)
+    assert [record.getMessage() for record in caplog.records] == [f"heartbeat ran at {ran_at}"]
+    assert (await app.state.redis.get(HEARTBEAT_KEY)).decode() == ran_at
+    ready = (await client.get("/ready")).json()
+    assert ready["worker_heartbeat_age_seconds"] in (0, 1, 2)
+    await app.state.redis.delete(HEARTBEAT_KEY)
+
+
+async def test_worker_settings_build_a_worker_with_both_schedules() -> None:
+    built = create_worker(worker.WorkerSettings, handle_signals=False)
+    crons = {job.name: job for job in built.cron_jobs}
+    assert set(crons) == {"cron:pet_report", "cron:heartbeat"}
+    report, beat = crons["cron:pet_report"], crons["cron:heartbeat"]
+    assert (report.second, report.microsecond, report.minute, report.hour) == (0, 0, None, None)
+    assert report.unique and report.keep_result_s is not None and report.keep_result_s >= 60
+    assert report.timeout_s is not None and report.timeout_s < 60
+    assert (beat.hour, beat.minute, beat.second) == ({0, 6, 12, 18}, 0, 0)
+    assert beat.run_at_startup and beat.unique
+    assert beat.timeout_s is not None and beat.timeout_s < 6 * 3600
+    assert built.timezone == UTC
+    assert 0 < built.health_check_interval <= 30
+    assert 0 < built._job_completion_wait < 20
+    assert "pet_report" in built.functions
+
+
+async def test_start_up_report_uses_the_id_arq_gives_that_minute_tick() -> None:
+    report = next(job for job in fresh_cron_jobs() if job.name == "cron:pet_report")
+    moment = datetime(2026, 11, 24, 10, 15, 42, 123456, tzinfo=UTC)
+    report.calculate_next(moment - timedelta(minutes=1))
+    assert report.next_run == moment.replace(second=0, microsecond=0)
+    tick_ms = int(report.next_run.timestamp() * 1000)
+    assert worker.report_tick_job_id(moment) == f"cron:pet_report:{tick_ms}"
+
+
+def fresh_cron_jobs() -> list[CronJob]:
+    """Copies of the schedule: arq keeps each cron job's next run on the shared object."""
+    return [
+        dataclasses.replace(job, next_run=None) for job in worker.WorkerSettings.cron_jobs or ()
+    ]
+
+
+async def run_burst_worker(settings: Settings) -> Worker:
+    """A real arq worker from WorkerSettings that stops once the queue is empty."""
+    burst = create_worker(
+        worker.WorkerSettings,
+        burst=True,
+        handle_signals=False,
+        poll_delay=0.1,
+        cron_jobs=fresh_cron_jobs(),
+        redis_settings=worker.redis_settings(settings),
+        ctx={"settings": settings},
+    )
+    try:
+        await burst.async_run()
+    finally:
+        await burst.close()
+    return burst
+
+
+@pytest.fixture
+async def fresh_redis() -> str:
+    url = redis_url()
+    await flush_redis(url)
+    return url
+
+
+async def test_report_now_from_the_cli_reaches_a_worker(
+    settings: Settings, fresh_redis: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    requested = run_cli(settings, "report-now")
+    assert requested.returncode == 0, requested.stderr
+    assert "report requested" in requested.stdout
+    burst = await run_burst_worker(settings)
+    # The start-up report, the start-up heartbeat and the requested report.
+    assert (burst.jobs_complete, burst.jobs_failed) == (3, 0)
+    assert len(REPORT_HEADER.findall(capsys.readouterr().out)) == 2
+
+
+async def test_burst_worker_runs_the_report_and_the_heartbeat(
+    settings: Settings,
+    fresh_redis: str,
+    app: FastAPI,
+    session: AsyncSession,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    await session.exec(text(KNOWN_PETS))  # type: ignore[call-overload]
+    await session.commit()
+    burst = await run_burst_worker(settings)
+    assert (burst.jobs_complete, burst.jobs_failed) == (2, 0)
+    printed = capsys.readouterr().out
+    assert len(REPORT_HEADER.findall(printed)) == 1
+    assert printed.endswith(GOLDEN_REPORT.split("\n", 1)[1])
+    assert await app.state.redis.get(HEARTBEAT_KEY)
+    await app.state.redis.delete(HEARTBEAT_KEY)
+
+
+def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
+    return {
+        "DATABASE_URL": settings.DATABASE_URL,
+        "REDIS_URL": redis_url(),
+        "LOG_LEVEL": "INFO",
+        **overrides,
+    }
+
+
+def report_minutes(output: str) -> Counter[str]:
+    return Counter(stamp[:16] for stamp in REPORT_HEADER.findall(output))
+
+
+def only_reports(output: str) -> bool:
+    """Every line of STDOUT belongs to a report block."""
+    inside = False
+    for line in output.splitlines():
+        if REPORT_HEADER.match(line):
+            inside = True
+        elif line == "==== end of report ====":
+            inside = False
+        elif not inside:
+            return False
+    return not inside
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
+    started: list[WorkerProcess] = []
+    yield started
+    for process in started:
+        if process.alive():
+            process.process.kill()
+
+
+async def test_two_workers_print_one_report_per_tick(
+    settings: Settings, fresh_redis: str, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    # Start both well inside a minute, then watch the next tick.
+    if datetime.now(UTC).second > 45:
+        await asyncio.sleep(61 - datetime.now(UTC).second)
+    started_at = datetime.now(UTC)
+    workers += [WorkerProcess(tmp_path, worker_env(settings), name) for name in ("one", "two")]
+    next_tick = started_at.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    await asyncio.sleep((next_tick - datetime.now(UTC)).total_seconds() + 6)
+    exit_codes = [process.stop() for process in workers]
+    outputs = [process.stdout() for process in workers]
+    minutes = report_minutes("".join(outputs))
+    assert sorted(minutes) == [f"{started_at:%Y-%m-%d %H:%M}", f"{next_tick:%Y-%m-%d %H:%M}"]
+    assert set(minutes.values()) == {1}, minutes
+    assert all(only_reports(output) for output in outputs)
+    assert all("heartbeat ran at" in process.stderr() for process in workers)
+    assert exit_codes == [0, 0], [process.stderr() for process in workers]
+
+
+async def test_worker_rides_out_a_redis_restart(
+    settings: Settings, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    redis = PrivateRedis()
+    redis.start()
+    try:
+        workers.append(WorkerProcess(tmp_path, worker_env(settings, REDIS_URL=redis.url)))
+        process = workers[0]
+        process.wait_for_output("==== end of report ====")
+        redis.stop()
+        process.wait_for_output("Redis unavailable", stream="stderr")
+        await asyncio.sleep(2)
+        assert process.alive()
+        redis.start()
+        process.wait_for_output("Redis is reachable again", stream="stderr")
+        private = settings.model_copy(update={"REDIS_URL": redis.url})
+        assert await cli.request_report(private)
+        process.wait_for_output("==== end of report ====", count=2)
+        assert process.stop() == 0
+    finally:
+        redis.stop()
+
+
+async def test_worker_rides_out_a_database_outage(
+    settings: Settings, fresh_redis: str, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    postgres = PrivatePostgres()
+    try:
+        postgres.start()
+        await asyncio.to_thread(command.upgrade, alembic_config(postgres.url()), "head")
+        workers.append(WorkerProcess(tmp_path, worker_env(settings, DATABASE_URL=postgres.url())))
+        process = workers[0]
+        process.wait_for_output("No pets in the directory yet.")
+        postgres.stop()
+        assert await cli.request_report(settings)
+        process.wait_for_output("database unavailable", stream="stderr")
+        postgres.start()
+        process.wait_for_output("database is reachable again", stream="stderr")
+        process.wait_for_output("No pets in the directory yet.", count=2)
+        assert only_reports(process.stdout())
+        assert process.stop() == 0
+    finally:
+        postgres.remove()

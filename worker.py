@@ -1,0 +1,238 @@
+"""The arq worker: a pet report to STDOUT every minute and a heartbeat every six hours."""
+
+import asyncio
+import dataclasses
+import logging
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO, TypeVar
+
+from arq import cron, func
+from arq.connections import ArqRedis, RedisSettings
+from arq.cron import CronJob
+from arq.typing import StartupShutdown, WorkerCoroutine
+from arq.utils import to_unix_ms
+from arq.worker import Function
+from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+import crud
+from db import SessionMaker, create_engine, create_sessionmaker
+from errors import Unavailable, classify_db_error
+from models import PetTypeStats
+from settings import HEARTBEAT_KEY, REPORT_JOB, Settings, configure_logging, get_settings
+
+log = logging.getLogger("pets.worker")
+
+T = TypeVar("T")
+
+REPORT_CRON = "cron:pet_report"
+HEARTBEAT_CRON = "cron:heartbeat"
+HEARTBEAT_HOURS = {0, 6, 12, 18}
+# A report must end before the next tick; within that budget an absent database is retried.
+REPORT_TIMEOUT_SECONDS = 50
+DATABASE_RETRY_SECONDS = 40
+HEARTBEAT_TIMEOUT_SECONDS = 30
+# A tick's result stays in Redis this long. Every worker enqueues each tick under the same job
+# id; a worker that does so late, or restarts within the minute, finds the result and does not
+# print a second report. (arq keeps no result for cron jobs by default, which allows that.)
+KEEP_RESULT_SECONDS = 300
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+class PatientRetry(Retry):
+    """Retry Redis commands with capped backoff for as long as Redis is away, logging it.
+
+    arq gives up on a lost Redis connection and the process exits; with this, a command waits
+    for Redis to return and the worker carries on where it was."""
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        super().__init__(ExponentialBackoff(cap=10.0, base=0.5), retries=-1)
+
+    async def call_with_retry(
+        self, do: Callable[[], Awaitable[T]], fail: Callable[[RedisError], Any]
+    ) -> T:
+        self._backoff.reset()  # type: ignore[no-untyped-call]
+        failures = 0
+        while True:
+            try:
+                result = await do()
+            except self._supported_errors as error:
+                failures += 1
+                await fail(error)
+                delay = self._backoff.compute(failures)
+                log.warning("Redis unavailable (%s); retry %d in %.1f s", error, failures, delay)
+                await asyncio.sleep(delay)
+            else:
+                if failures:
+                    log.info("Redis is reachable again")
+                return result
+
+
+def redis_settings(settings: Settings) -> RedisSettings:
+    return dataclasses.replace(
+        RedisSettings.from_dsn(settings.REDIS_URL),
+        conn_timeout=2,
+        retry=PatientRetry(),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, OSError],
+    )
+
+
+def load_report_template() -> Template:
+    environment = Environment(
+        loader=FileSystemLoader(TEMPLATES),
+        autoescape=False,  # noqa: S701 - plain text for a terminal: nothing to escape
+        undefined=StrictUndefined,
+        enable_async=True,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    return environment.get_template("pet_report.txt.j2")
+
+
+def report_context(stats: list[PetTypeStats], now: datetime) -> dict[str, Any]:
+    """Everything the template shows except the pets themselves; widths align the columns."""
+    return {
+        "generated_at": now.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "total": sum(row.count for row in stats),
+        "by_type": stats,
+        "count_width": max((len(str(row.count)) for row in stats), default=1),
+        "id_width": max([len("ID"), *(len(str(row.max_id)) for row in stats)]),
+        "name_width": max([len("NAME"), *(row.longest_name for row in stats)]),
+        "type_width": max([len("TYPE"), *(len(row.pet_type) for row in stats)]),
+    }
+
+
+async def write_report(
+    sessionmaker: SessionMaker, template: Template, out: TextIO, now: datetime
+) -> int:
+    """Render the report to `out`, streaming the pets; returns how many it listed."""
+    async with sessionmaker() as session:
+        # One read-only snapshot, so the counts at the top agree with the lines below them.
+        await session.connection(
+            execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+        )
+        context = report_context(await crud.pet_type_stats(session), now)
+        try:
+            async for chunk in template.generate_async(pets=crud.stream_pets(session), **context):
+                out.write(chunk)
+        except BaseException:
+            out.write("\n==== report interrupted ====\n")
+            raise
+        finally:
+            out.flush()
+    total: int = context["total"]
+    return total
+
+
+async def wait_for_database(sessionmaker: SessionMaker, budget_seconds: float) -> None:
+    """Return once the database answers, retrying with backoff for up to `budget_seconds`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + budget_seconds
+    delay = 1.0
+    failures = 0
+    while True:
+        try:
+            async with sessionmaker() as session:
+                await crud.ping(session)
+        except Exception as error:
+            if (
+                not isinstance(classify_db_error(error), Unavailable)
+                or loop.time() + delay > deadline
+            ):
+                raise
+            failures += 1
+            log.warning("database unavailable (%r); retry %d in %.0f s", error, failures, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
+        else:
+            if failures:
+                log.info("database is reachable again")
+            return
+
+
+async def pet_report(ctx: dict[str, Any]) -> int:
+    """Print the pet report to STDOUT; returns how many pets it listed."""
+    sessionmaker: SessionMaker = ctx["sessionmaker"]
+    await wait_for_database(sessionmaker, DATABASE_RETRY_SECONDS)
+    return await write_report(sessionmaker, ctx["report_template"], sys.stdout, datetime.now(UTC))
+
+
+async def heartbeat(ctx: dict[str, Any]) -> str:
+    """Log that the heartbeat ran, and record when in Redis for GET /ready."""
+    ran_at = datetime.now(UTC).isoformat(timespec="seconds")
+    redis: ArqRedis = ctx["redis"]
+    await redis.set(HEARTBEAT_KEY, ran_at)
+    log.info("heartbeat ran at %s", ran_at)
+    return ran_at
+
+
+def report_tick_job_id(moment: datetime) -> str:
+    """The id arq's cron gives the report job of the minute holding `moment` (see
+    `arq.worker.Worker.run_cron`: name and the tick's Unix milliseconds)."""
+    return f"{REPORT_CRON}:{to_unix_ms(moment.replace(second=0, microsecond=0))}"
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    settings: Settings = ctx.setdefault("settings", get_settings())
+    configure_logging(settings.LOG_LEVEL)
+    ctx["engine"] = create_engine(settings, application_name="pets-worker")
+    ctx["sessionmaker"] = create_sessionmaker(ctx["engine"])
+    ctx["report_template"] = load_report_template()
+    # The start-up report stands for the current minute's tick, under that tick's job id: if
+    # another worker already printed it, this one does not print it again.
+    redis: ArqRedis = ctx["redis"]
+    await redis.enqueue_job(REPORT_CRON, _job_id=report_tick_job_id(datetime.now(UTC)))
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    if "engine" in ctx:
+        await ctx["engine"].dispose()
+
+
+class WorkerSettings:
+    """What `arq worker.WorkerSettings` runs (arq ignores unknown attributes: see the tests)."""
+
+    functions: Sequence[Function | WorkerCoroutine] = (
+        func(pet_report, name=REPORT_JOB, timeout=REPORT_TIMEOUT_SECONDS, max_tries=1),
+    )
+    cron_jobs: Sequence[CronJob] | None = (
+        cron(
+            pet_report,
+            name=REPORT_CRON,
+            second=0,
+            microsecond=0,
+            unique=True,
+            timeout=REPORT_TIMEOUT_SECONDS,
+            keep_result=KEEP_RESULT_SECONDS,
+        ),
+        cron(
+            heartbeat,
+            name=HEARTBEAT_CRON,
+            hour=HEARTBEAT_HOURS,
+            minute=0,
+            second=0,
+            microsecond=0,
+            run_at_startup=True,
+            unique=True,
+            timeout=HEARTBEAT_TIMEOUT_SECONDS,
+            keep_result=KEEP_RESULT_SECONDS,
+        ),
+    )
+    on_startup: StartupShutdown | None = startup
+    on_shutdown: StartupShutdown | None = shutdown
+    redis_settings = redis_settings(get_settings())
+    timezone = UTC
+    # `arq --check worker.WorkerSettings` fails once the worker has not written this long.
+    health_check_interval = 10
+    # On SIGTERM, a running report may finish for this long before it is cancelled.
+    job_completion_wait = 10
