@@ -4,7 +4,10 @@ import asyncio
 import dataclasses
 import io
 import logging
+import os
 import re
+import subprocess
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -22,7 +25,7 @@ import cli
 import worker
 from alembic import command
 from settings import HEARTBEAT_KEY, Settings
-from tests.conftest import alembic_config, flush_redis, redis_url, run_cli
+from tests.conftest import ROOT, alembic_config, flush_redis, redis_url, run_cli
 from tests.servers import PrivatePostgres, PrivateRedis, WorkerProcess
 
 pytestmark = pytest.mark.usefixtures("empty_pet_table")
@@ -221,6 +224,20 @@ def only_reports(output: str) -> bool:
     return not inside
 
 
+def arq_check(settings: Settings) -> int:
+    """`arq --check worker.WorkerSettings`: the container health check of the worker."""
+    arq = str(Path(sys.executable).parent / "arq")
+    env = {**os.environ, **worker_env(settings)}
+    checked = subprocess.run(
+        [arq, "--check", "worker.WorkerSettings"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    return checked.returncode
+
+
 @pytest.fixture
 def workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
     started: list[WorkerProcess] = []
@@ -240,7 +257,9 @@ async def test_two_workers_print_one_report_per_tick(
     workers += [WorkerProcess(tmp_path, worker_env(settings), name) for name in ("one", "two")]
     next_tick = started_at.replace(second=0, microsecond=0) + timedelta(minutes=1)
     await asyncio.sleep((next_tick - datetime.now(UTC)).total_seconds() + 6)
+    assert arq_check(settings) == 0
     exit_codes = [process.stop() for process in workers]
+    assert arq_check(settings) == 1
     outputs = [process.stdout() for process in workers]
     minutes = report_minutes("".join(outputs))
     assert sorted(minutes) == [f"{started_at:%Y-%m-%d %H:%M}", f"{next_tick:%Y-%m-%d %H:%M}"]
