@@ -12,7 +12,14 @@ from settings import Settings
 SessionMaker = async_sessionmaker[AsyncSession]
 
 
-def create_engine(settings: Settings, application_name: str = "pets-api") -> AsyncEngine:
+def create_engine(
+    settings: Settings,
+    application_name: str = "pets-api",
+    statement_timeout_ms: int | None = None,
+) -> AsyncEngine:
+    """The service's engine; bulk commands pass statement_timeout_ms=0 (no limit)."""
+    if statement_timeout_ms is None:
+        statement_timeout_ms = settings.DB_STATEMENT_TIMEOUT_MS
     return create_async_engine(
         settings.DATABASE_URL,
         pool_size=settings.DB_POOL_SIZE,
@@ -24,7 +31,7 @@ def create_engine(settings: Settings, application_name: str = "pets-api") -> Asy
             "timeout": settings.DB_CONNECT_TIMEOUT,
             "server_settings": {
                 "application_name": application_name,
-                "statement_timeout": str(settings.DB_STATEMENT_TIMEOUT_MS),
+                "statement_timeout": str(statement_timeout_ms),
             },
         },
     )

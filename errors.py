@@ -5,6 +5,9 @@ from typing import ClassVar
 
 from sqlalchemy import exc as sa_exc
 
+# Where a problem is (as in a validation error's `loc`) and what it is.
+ErrorItem = tuple[list[str | int], str]
+
 # Seconds a client is told to wait after a 503.
 RETRY_AFTER_SECONDS = 5
 
@@ -18,6 +21,7 @@ class ServiceError(Exception):
         super().__init__(detail)
         self.detail = detail
         self.headers = dict(headers or {})
+        self.items: list[ErrorItem] = []
 
 
 class NotFound(ServiceError):
@@ -30,6 +34,15 @@ class Conflict(ServiceError):
 
 class InvalidData(ServiceError):
     status = 422
+
+
+class InvalidParameters(InvalidData):
+    """Input that passed the schema but not a rule that needs the database, clock or settings."""
+
+    def __init__(self, items: list[ErrorItem]) -> None:
+        summary = "; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in items)
+        super().__init__(f"Invalid request: {summary}")
+        self.items = items
 
 
 class Unauthorized(ServiceError):

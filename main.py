@@ -1,17 +1,19 @@
 """The FastAPI app: lifespan, routes and the handlers that turn every error into a problem."""
 
 import asyncio
+import csv
+import io
 import logging
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, FastAPI, Form, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Form, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from redis.asyncio import Redis
 from sqlalchemy import exc as sa_exc
@@ -21,12 +23,26 @@ from starlette.routing import Match
 import crud
 from auth import CurrentUser, authenticate, dummy_hash, hash_password, issue_token
 from db import SessionDep, SessionMaker, create_engine, create_sessionmaker
-from errors import ServiceError, Unauthorized, Unavailable, classify_db_error
+from errors import (
+    ErrorItem,
+    InvalidParameters,
+    NotFound,
+    ServiceError,
+    Unauthorized,
+    Unavailable,
+    classify_db_error,
+)
 from models import (
+    DIMENSIONS,
     INT32_MAX,
+    METRICS,
     PATTERN_MESSAGES,
     USERNAME_PATTERN,
+    DimensionList,
+    DimensionValues,
     Health,
+    MetricsPage,
+    MetricsQuery,
     PetCreate,
     PetPage,
     PetPublic,
@@ -36,6 +52,7 @@ from models import (
     ProblemItem,
     Readiness,
     Token,
+    date_id_of,
 )
 from settings import HEARTBEAT_KEY, Settings, configure_logging, get_settings
 
@@ -43,6 +60,9 @@ log = logging.getLogger("pets.api")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 READY_CHECK_TIMEOUT_SECONDS = 2.0
+
+# An unknown filter value's error lists the known ones when there are at most this many.
+MAX_LISTED_VALUES = 30
 
 PetId = Annotated[int, Path(ge=1, le=INT32_MAX, description="The pet's id.")]
 
@@ -80,6 +100,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     configure_logging(settings.LOG_LEVEL)
     engine = create_engine(settings)
     app.state.sessionmaker = create_sessionmaker(engine)
+    app.state.dimension_names = crud.NameCache()
     app.state.redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
     # Warm the timing-equaliser hash now rather than on the first unknown-user login.
     await asyncio.to_thread(dummy_hash)
@@ -127,7 +148,10 @@ def _dotted(loc: Iterable[str | int]) -> str:
 
 def _message(error: Mapping[str, Any]) -> str:
     pattern = error.get("ctx", {}).get("pattern")
-    return PATTERN_MESSAGES.get(pattern, error["msg"]) if pattern else str(error["msg"])
+    if pattern in PATTERN_MESSAGES:
+        return PATTERN_MESSAGES[pattern]
+    # A validator's own message says all; pydantic's "Value error, " prefix adds nothing.
+    return str(error["msg"]).removeprefix("Value error, ")
 
 
 async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
@@ -140,7 +164,8 @@ async def on_validation_error(request: Request, error: Exception) -> JSONRespons
 
 async def on_service_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, ServiceError)
-    return problem_response(error.status, error.detail, headers=error.headers)
+    items = [ProblemItem(loc=loc, msg=msg) for loc, msg in error.items] or None
+    return problem_response(error.status, error.detail, headers=error.headers, errors=items)
 
 
 def _allowed_methods(request: Request) -> str:
@@ -290,6 +315,115 @@ async def patch_pet(
 async def delete_pet(session: SessionDep, user: CurrentUser, pet_id: PetId) -> None:
     """Remove a pet."""
     await crud.delete_pet(session, pet_id)
+
+
+def utc_today() -> date:
+    """Today in UTC: the day presets end on (a dependency, so tests can fix the clock)."""
+    return datetime.now(UTC).date()
+
+
+def date_range(query: MetricsQuery, today: date, max_span_days: int) -> tuple[date, date]:
+    start, end = query.date_range(today)
+    if (end - start).days + 1 > max_span_days:
+        raise InvalidParameters(
+            [(["query", "end_date"], f"the range spans more than {max_span_days} days")]
+        )
+    return start, end
+
+
+async def filter_ids(
+    session: SessionDep, cache: crud.NameCache, query: MetricsQuery
+) -> dict[str, list[int]]:
+    """Ids of the filter names; 422 naming each unknown one (and the known ones, when few)."""
+    ids: dict[str, list[int]] = {}
+    problems_found: list[ErrorItem] = []
+    for name, values in query.filters().items():
+        found, unknown, known = await crud.resolve_names(session, cache, DIMENSIONS[name], values)
+        if unknown:
+            allowed = (
+                f"allowed: {', '.join(known)}"
+                if len(known) <= MAX_LISTED_VALUES
+                else f"see GET /dimensions/{name}"
+            )
+            listed = ", ".join(repr(value) for value in unknown)
+            problems_found.append((["query", name], f"unknown {name} {listed}; {allowed}"))
+        ids[name] = found
+    if problems_found:
+        raise InvalidParameters(problems_found)
+    return ids
+
+
+def metrics_csv(page: MetricsPage, group_by: Sequence[str]) -> StreamingResponse:
+    columns = [*group_by, *METRICS]
+
+    def lines() -> Iterator[str]:
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(columns)
+        for row in page.rows:
+            writer.writerow(["" if (v := getattr(row, c)) is None else v for c in columns])
+            yield buffer.getvalue()
+            buffer.seek(0)
+            buffer.truncate()
+        yield buffer.getvalue()
+
+    headers = {
+        "Content-Disposition": 'attachment; filename="metrics.csv"',
+        "X-Total-Rows": str(page.total_rows),
+    }
+    return StreamingResponse(lines(), media_type="text/csv; charset=utf-8", headers=headers)
+
+
+@router.get(
+    "/metrics",
+    tags=["metrics"],
+    response_model=MetricsPage,
+    response_model_exclude_unset=True,
+    responses={
+        200: {"content": {"text/csv": {"schema": {"type": "string"}}}},
+        **problems(422, 503),
+    },
+)
+async def get_metrics(
+    request: Request,
+    session: SessionDep,
+    query: Annotated[MetricsQuery, Query()],
+    today: Annotated[date, Depends(utc_today)],
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+) -> MetricsPage | StreamingResponse:
+    """Ad metrics summed over a date range, filtered and grouped by dimensions, with ratios."""
+    settings: Settings = request.app.state.settings
+    start, end = date_range(query, today, settings.METRICS_MAX_SPAN_DAYS)
+    plan = crud.MetricsPlan(
+        start_id=date_id_of(start),
+        end_id=date_id_of(end),
+        filters=await filter_ids(session, request.app.state.dimension_names, query),
+        group_by=tuple(query.group_by),
+        sort=query.sort,
+        limit=query.limit,
+        offset=query.offset,
+    )
+    page = await crud.query_metrics(session, plan)
+    wants_csv = query.format == "csv" or (query.format is None and "text/csv" in (accept or ""))
+    return metrics_csv(page, query.group_by) if wants_csv else page
+
+
+@router.get("/dimensions", tags=["metrics"])
+async def list_dimensions() -> DimensionList:
+    """The dimensions /metrics filters and groups by."""
+    return DimensionList(dimensions=list(DIMENSIONS))
+
+
+@router.get("/dimensions/{name}", tags=["metrics"], responses=problems(404, 422, 503))
+async def get_dimension_values(
+    session: SessionDep, name: Annotated[str, Path(max_length=50, pattern=r"^[a-z_]+$")]
+) -> DimensionValues:
+    """Every known value of one dimension, for building filters."""
+    dimension = DIMENSIONS.get(name)
+    if dimension is None:
+        raise NotFound(f"No dimension {name!r}; known: {', '.join(DIMENSIONS)}.")
+    values = await crud.dimension_values(session, dimension)
+    return DimensionValues(name=name, values=[value for _, value in values])
 
 
 @router.get("/health", tags=["operations"])

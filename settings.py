@@ -36,6 +36,8 @@ class Settings(BaseSettings):
     DB_CONNECT_TIMEOUT: float = Field(default=5.0, gt=0)
     # Server-side statement_timeout for the service's sessions (migrations are not bound by it).
     DB_STATEMENT_TIMEOUT_MS: int = Field(default=15_000, ge=0)
+    # The longest date range GET /metrics answers (three years).
+    METRICS_MAX_SPAN_DAYS: int = Field(default=3 * 365 + 1, ge=1)
 
     @field_validator("DATABASE_URL")
     @classmethod

@@ -1,0 +1,367 @@
+"""GET /metrics and /dimensions against a hand-made star schema, and seed/load of facts."""
+
+from collections.abc import AsyncIterator
+from datetime import date
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+import crud
+from main import utc_today
+
+TODAY = date(2026, 11, 10)  # a Tuesday
+DIMENSION_VALUES = {
+    "dim_region": ("region_name", ["North", "South"]),
+    "dim_age_group": ("age_range", ["18-24", "25-34"]),
+    "dim_gender": ("gender_name", ["female", "male"]),
+    "dim_platform": ("platform_name", ["facebook", "instagram"]),
+    "dim_placement": ("placement_name", ["feed", "stories"]),
+    "dim_device_type": ("device_type_name", ["mobile", "desktop"]),
+}
+GROUPS = ("region", "age_group", "gender", "platform", "placement", "device_type")
+# date, region, age_group, gender, platform, placement, device_type; the five measures.
+FACTS = [
+    ("2026-10-30", "North", "18-24", "female", "facebook", "feed", "mobile", 1000, 50, "25.00", 5, 10),  # noqa: E501
+    ("2026-11-02", "North", "25-34", "male", "instagram", "stories", "desktop", 2000, 40, "30.50", 0, 20),  # noqa: E501
+    ("2026-11-03", "South", "18-24", "female", "facebook", "stories", "mobile", 500, 0, "5.25", 0, 0),  # noqa: E501
+    ("2026-11-10", "South", "25-34", "male", "facebook", "feed", "mobile", 3000, 90, "60.00", 9, 30),  # noqa: E501
+    ("2026-11-10", "North", "18-24", "male", "instagram", "feed", "desktop", 0, 0, "0.00", 0, 1),
+]  # fmt: skip
+MEASURES = ("impressions", "clicks", "cost", "conversions", "likes")
+
+
+def fact(row: tuple[Any, ...]) -> dict[str, Any]:
+    values = dict(zip(("date", *GROUPS, *MEASURES), row, strict=True))
+    values["date"] = date.fromisoformat(values["date"])
+    values["cost"] = Decimal(values["cost"])
+    return values
+
+
+def ratio(numerator: Decimal, denominator: Decimal) -> float | None:
+    if denominator == 0:
+        return None
+    return float((numerator / denominator).quantize(Decimal("0.000001"), ROUND_HALF_UP))
+
+
+def metrics(facts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The expected metrics of some facts, worked out here rather than in SQL."""
+    s = {m: sum((f[m] for f in facts), Decimal(0)) for m in MEASURES}
+    return {
+        "impressions": int(s["impressions"]),
+        "clicks": int(s["clicks"]),
+        "cost": float(s["cost"]),
+        "conversions": int(s["conversions"]),
+        "likes": int(s["likes"]),
+        "ctr": ratio(s["clicks"], s["impressions"]),
+        "cpc": ratio(s["cost"], s["clicks"]),
+        "cpm": ratio(s["cost"] * 1000, s["impressions"]),
+        "cpa": ratio(s["cost"], s["conversions"]),
+        "cvr": ratio(s["conversions"], s["clicks"]),
+    }
+
+
+def bucket(day: date, group: str) -> str:
+    if group == "week":
+        return date.fromordinal(day.toordinal() - day.weekday()).isoformat()
+    if group == "month":
+        return day.replace(day=1).isoformat()
+    return day.isoformat()
+
+
+def expected_rows(group_by: list[str], facts: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows in the default order (time group, then the others as given)."""
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for f in facts:
+        key = tuple(
+            bucket(f["date"], g) if g in ("date", "week", "month") else f[g] for g in group_by
+        )
+        groups.setdefault(key, []).append(f)
+    ordered = sorted(
+        groups, key=lambda key: [key[group_by.index(g)] for g in sorted_groups(group_by)]
+    )
+    return [{**dict(zip(group_by, key, strict=True)), **metrics(groups[key])} for key in ordered]
+
+
+def sorted_groups(group_by: list[str]) -> list[str]:
+    time = [g for g in ("date", "week", "month") if g in group_by]
+    return time + [g for g in group_by if g not in time]
+
+
+ALL = [fact(row) for row in FACTS]
+
+
+@pytest.fixture
+async def star(app: FastAPI, session: AsyncSession) -> AsyncIterator[None]:
+    """The hand-made star schema, today fixed to TODAY, and an empty name cache."""
+    await clear_metrics(session)
+    for table, (column, names) in DIMENSION_VALUES.items():
+        for name in names:
+            await session.exec(
+                text(f"INSERT INTO {table} ({column}) VALUES (:name)").bindparams(name=name)
+            )  # type: ignore[call-overload]
+    days = sorted({f["date"] for f in ALL})
+    await crud.ensure_dates(session, days)
+    for f in ALL:
+        await session.exec(  # type: ignore[call-overload]
+            text(
+                "INSERT INTO fact_ad_metrics_daily SELECT"
+                " to_char(CAST(:date AS date), 'YYYYMMDD')::int,"
+                " (SELECT region_id FROM dim_region WHERE region_name = :region),"
+                " (SELECT age_id FROM dim_age_group WHERE age_range = :age_group),"
+                " (SELECT gender_id FROM dim_gender WHERE gender_name = :gender),"
+                " (SELECT platform_id FROM dim_platform WHERE platform_name = :platform),"
+                " (SELECT placement_id FROM dim_placement WHERE placement_name = :placement),"
+                " (SELECT device_type_id FROM dim_device_type"
+                "  WHERE device_type_name = :device_type),"
+                " :impressions, :clicks, :cost, :conversions, :likes"
+            ).bindparams(**f)
+        )
+    await session.commit()
+    app.state.dimension_names = crud.NameCache()
+    app.dependency_overrides[utc_today] = lambda: TODAY
+    yield
+    app.dependency_overrides.pop(utc_today)
+
+
+async def clear_metrics(session: AsyncSession) -> None:
+    tables = ", ".join(["fact_ad_metrics_daily", "dim_date", *DIMENSION_VALUES])
+    await session.exec(text(f"TRUNCATE {tables} RESTART IDENTITY"))  # type: ignore[call-overload]
+    await session.commit()
+
+
+async def get_metrics(client: httpx.AsyncClient, **params: Any) -> dict[str, Any]:
+    response = await client.get("/metrics", params=params)
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+pytestmark = pytest.mark.usefixtures("star")
+
+
+# --- answers -------------------------------------------------------------------------------------
+
+
+async def test_without_groups_one_row_of_totals_over_the_last_30_days(
+    client: httpx.AsyncClient,
+) -> None:
+    body = await get_metrics(client)
+    totals = metrics(ALL)
+    assert totals == {
+        "impressions": 6500, "clicks": 180, "cost": 120.75, "conversions": 14, "likes": 61,
+        "ctr": 0.027692, "cpc": 0.670833, "cpm": 18.576923, "cpa": 8.625, "cvr": 0.077778,
+    }  # fmt: skip
+    assert body == {"rows": [totals], "totals": totals, "total_rows": 1, "limit": 100, "offset": 0}
+
+
+@pytest.mark.parametrize(
+    "group_by",
+    [
+        ["date"],
+        ["week"],
+        ["month"],
+        *([g] for g in GROUPS),
+        ["platform", "week"],
+        ["gender", "region", "date"],
+    ],
+)
+async def test_each_group_by_sums_its_groups(
+    client: httpx.AsyncClient, group_by: list[str]
+) -> None:
+    body = await get_metrics(client, group_by=group_by)
+    assert body["rows"] == expected_rows(group_by, ALL)
+    assert body["totals"] == metrics(ALL)
+    assert body["total_rows"] == len(body["rows"])
+
+
+async def test_week_and_month_buckets_start_on_monday_and_the_first(
+    client: httpx.AsyncClient,
+) -> None:
+    weeks = await get_metrics(client, group_by="week")
+    assert [row["week"] for row in weeks["rows"]] == ["2026-10-26", "2026-11-02", "2026-11-09"]
+    months = await get_metrics(client, group_by="month")
+    assert [row["month"] for row in months["rows"]] == ["2026-10-01", "2026-11-01"]
+
+
+async def test_filters_match_names_case_insensitively_and_repeat(client: httpx.AsyncClient) -> None:
+    body = await get_metrics(
+        client, region=" NORTH ", platform=["facebook", "Instagram"], group_by="placement"
+    )
+    north = [f for f in ALL if f["region"] == "North"]
+    assert body["rows"] == expected_rows(["placement"], north)
+    assert body["totals"] == metrics(north)
+
+
+@pytest.mark.parametrize(
+    ("params", "dates"),
+    [
+        ({"preset": "last_7d"}, ["2026-11-10"]),
+        ({"preset": "last_30d"}, ["2026-10-30", "2026-11-02", "2026-11-03", "2026-11-10"]),
+        ({"preset": "last_90d"}, ["2026-10-30", "2026-11-02", "2026-11-03", "2026-11-10"]),
+        ({"preset": "this_month"}, ["2026-11-02", "2026-11-03", "2026-11-10"]),
+        ({"preset": "last_month"}, ["2026-10-30"]),
+        ({"start_date": "2026-11-02", "end_date": "2026-11-03"}, ["2026-11-02", "2026-11-03"]),
+        ({"start_date": "2026-10-31", "end_date": "2026-11-01"}, []),
+    ],
+)
+async def test_presets_and_inclusive_ranges_pick_their_days(
+    client: httpx.AsyncClient, params: dict[str, str], dates: list[str]
+) -> None:
+    body = await get_metrics(client, group_by="date", **params)
+    assert [row["date"] for row in body["rows"]] == dates
+    assert body["totals"] == metrics([f for f in ALL if f["date"].isoformat() in dates])
+
+
+async def test_an_empty_match_is_200_with_no_rows_and_zero_totals(
+    client: httpx.AsyncClient,
+) -> None:
+    for group_by in ([], ["region"]):
+        body = await get_metrics(
+            client, start_date="2025-01-01", end_date="2025-01-31", group_by=group_by
+        )
+        assert body["rows"] == [] and body["total_rows"] == 0
+        assert body["totals"] == metrics([])
+
+
+async def test_sort_by_metric_descending_and_by_group(client: httpx.AsyncClient) -> None:
+    by_cost = await get_metrics(client, group_by="region", sort="-cost")
+    assert [row["region"] for row in by_cost["rows"]] == ["South", "North"]
+    by_name = await get_metrics(client, group_by="region", sort="-region")
+    assert [row["region"] for row in by_name["rows"]] == ["South", "North"]
+    by_clicks = await get_metrics(client, group_by="date", sort="clicks")
+    assert [row["clicks"] for row in by_clicks["rows"]] == [0, 40, 50, 90]
+
+
+@pytest.mark.parametrize("sort", ["ctr", "-ctr"])
+async def test_null_ratios_sort_last_both_ways(client: httpx.AsyncClient, sort: str) -> None:
+    body = await get_metrics(client, group_by=["date", "platform"], sort=sort)
+    ctrs = [row["ctr"] for row in body["rows"]]
+    assert ctrs[-1] is None and None not in ctrs[:-1]
+    assert ctrs[:-1] == sorted(ctrs[:-1], reverse=sort.startswith("-"))
+
+
+async def test_paging_keeps_totals_and_count_of_the_whole_set(client: httpx.AsyncClient) -> None:
+    everything = expected_rows(["date"], ALL)
+    body = await get_metrics(client, group_by="date", limit=2, offset=1)
+    assert body["rows"] == everything[1:3]
+    assert (body["total_rows"], body["limit"], body["offset"]) == (4, 2, 1)
+    assert body["totals"] == metrics(ALL)
+    past_the_end = await get_metrics(client, group_by="date", offset=10)
+    assert past_the_end["rows"] == [] and past_the_end["total_rows"] == 4
+
+
+async def test_csv_by_format_parameter_or_accept_header(client: httpx.AsyncClient) -> None:
+    expected = (
+        "region,impressions,clicks,cost,conversions,likes,ctr,cpc,cpm,cpa,cvr\n"
+        "North,3000,90,55.50,5,31,0.030000,0.616667,18.500000,11.100000,0.055556\n"
+        "South,3500,90,65.25,9,30,0.025714,0.725000,18.642857,7.250000,0.100000\n"
+    )
+    by_format = await client.get("/metrics", params={"group_by": "region", "format": "csv"})
+    by_accept = await client.get(
+        "/metrics", params={"group_by": "region"}, headers={"Accept": "text/csv"}
+    )
+    for response in (by_format, by_accept):
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "text/csv; charset=utf-8"
+        assert response.headers["x-total-rows"] == "2"
+        assert response.text == expected
+    as_json = await client.get(
+        "/metrics", params={"group_by": "region", "format": "json"}, headers={"Accept": "text/csv"}
+    )
+    assert as_json.headers["content-type"] == "application/json"
+
+
+async def test_csv_leaves_null_ratios_empty(client: httpx.AsyncClient) -> None:
+    response = await client.get(
+        "/metrics", params={"preset": "last_7d", "group_by": "platform", "format": "csv"}
+    )
+    assert response.text.splitlines()[2] == "instagram,0,0,0.00,0,1,,,,,"
+
+
+# --- rejections ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("params", "loc", "words"),
+    [
+        ({"start_date": "2026-11-05", "end_date": "2026-11-01"}, "end_date", "after end_date"),
+        ({"start_date": "2020-01-01", "end_date": "2026-01-01"}, "end_date", "more than 1096 days"),
+        (
+            {"start_date": "2026-02-30", "end_date": "2026-03-01"},
+            "start_date",
+            "day value is outside",
+        ),
+        ({"start_date": "2026-11-01"}, "end_date", "go together"),
+        ({"end_date": "2026-11-01"}, "end_date", "go together"),
+        (
+            {"preset": "last_7d", "start_date": "2026-11-01", "end_date": "2026-11-02"},
+            "preset",
+            "not both",
+        ),
+        ({"preset": "yesterday"}, "preset", "last_7d"),
+        ({"region": "Atlantis"}, "region", "unknown region 'Atlantis'; allowed: North, South"),
+        ({"group_by": "colour"}, "group_by", "device_type"),
+        ({"group_by": ["date", "region", "date"]}, "group_by", "repeated group_by value(s): date"),
+        ({"sort": "region"}, "sort", "not in the result"),
+        ({"group_by": "region", "sort": "-platform"}, "sort", "allowed: region, impressions"),
+        ({"sort": "impressions desc"}, "sort", "impressions"),
+        ({"limit": 0}, "limit", "greater than or equal to 1"),
+        ({"limit": 1001}, "limit", "less than or equal to 1000"),
+        ({"offset": -1}, "offset", "greater than or equal to 0"),
+        ({"region": ["North"] * 101}, "region", "at most 100 items"),
+        ({"platform": "face\x00book"}, "platform", "control characters"),
+        ({"platform": ""}, "platform", "at least 1 character"),
+        ({"format": "xml"}, "format", "json"),
+        ({"colour": "red"}, "colour", "Extra inputs"),
+    ],
+)
+async def test_bad_parameters_are_422_naming_them(
+    client: httpx.AsyncClient, params: dict[str, Any], loc: str, words: str
+) -> None:
+    response = await client.get("/metrics", params=params)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    errors = response.json()["errors"]
+    matching = [e["msg"] for e in errors if e["loc"][:2] == ["query", loc]]
+    assert matching, errors
+    assert any(words in message for message in matching), matching
+
+
+async def test_unknown_filter_values_are_all_named(client: httpx.AsyncClient) -> None:
+    response = await client.get("/metrics", params={"region": ["North", "Mars"], "gender": "other"})
+    errors = {e["loc"][1]: e["msg"] for e in response.json()["errors"]}
+    assert errors == {
+        "region": "unknown region 'Mars'; allowed: North, South",
+        "gender": "unknown gender 'other'; allowed: female, male",
+    }
+
+
+async def test_a_dimension_value_added_later_is_found(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    assert (await client.get("/metrics", params={"region": "East"})).status_code == 422
+    await session.exec(text("INSERT INTO dim_region (region_name) VALUES ('East')"))  # type: ignore[call-overload]
+    await session.commit()
+    body = await get_metrics(client, region="east")
+    assert body["rows"] == [] and body["totals"] == metrics([])
+
+
+# --- dimensions -------------------------------------------------------------------------------
+
+
+async def test_dimensions_list_and_values(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/dimensions")).json() == {"dimensions": list(GROUPS)}
+    for group, (_, names) in zip(GROUPS, DIMENSION_VALUES.values(), strict=True):
+        response = await client.get(f"/dimensions/{group}")
+        assert response.json() == {"name": group, "values": sorted(names)}
+
+
+async def test_unknown_dimension_is_404(client: httpx.AsyncClient) -> None:
+    response = await client.get("/dimensions/colour")
+    assert response.status_code == 404
+    assert "region" in response.json()["detail"]

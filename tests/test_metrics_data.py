@@ -1,0 +1,314 @@
+"""seed-metrics and load-metrics: deterministic, idempotent, all-or-nothing; and on seeded data,
+every /metrics answer equals the same sums worked out directly in SQL."""
+
+from collections.abc import AsyncIterator
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import text
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+import crud
+from main import utc_today
+from metrics_data import COMBINATIONS, DEMO_VALUES
+from settings import Settings
+from tests.conftest import run_cli
+from tests.test_metrics import clear_metrics, metrics
+
+END = date(2026, 11, 10)
+SEED_ARGS = ("seed-metrics", "--days", "20", "--rows-per-day", "300", "--end-date", END.isoformat())
+
+CHECKSUM = """
+SELECT count(*) AS facts,
+       md5(string_agg(f::text, ';' ORDER BY date_id, region_id, age_id, gender_id, platform_id,
+                                            placement_id, device_type_id)) AS facts_md5,
+       (SELECT string_agg(region_name, ',' ORDER BY region_id) FROM dim_region) AS regions,
+       (SELECT string_agg(platform_name, ',' ORDER BY platform_id) FROM dim_platform) AS platforms,
+       (SELECT count(*) FROM dim_date) AS days
+FROM fact_ad_metrics_daily f
+"""
+
+
+async def checksum(session: AsyncSession) -> dict[str, Any]:
+    result = await session.exec(text(CHECKSUM))  # type: ignore[call-overload]
+    await session.commit()
+    return dict(result.mappings().one())
+
+
+@pytest.fixture
+async def empty_metrics(session: AsyncSession, app: FastAPI) -> AsyncIterator[None]:
+    await clear_metrics(session)
+    app.state.dimension_names = crud.NameCache()
+    app.dependency_overrides[utc_today] = lambda: END
+    yield
+    app.dependency_overrides.pop(utc_today)
+
+
+# The checksum of the last seeding by `seeded`, so its tests seed once, not once each.
+LAST_SEEDED: dict[str, Any] = {}
+
+
+@pytest.fixture
+async def seeded(settings: Settings, session: AsyncSession, app: FastAPI) -> None:
+    """The demo set of SEED_ARGS, seeded only when the tables hold something else."""
+    if not LAST_SEEDED or await checksum(session) != LAST_SEEDED:
+        await clear_metrics(session)
+        cli_ok(settings, *SEED_ARGS)
+        LAST_SEEDED.update(await checksum(session))
+    app.state.dimension_names = crud.NameCache()
+
+
+def cli_ok(settings: Settings, *args: str) -> str:
+    result = run_cli(settings, *args)
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+@pytest.mark.usefixtures("empty_metrics")
+async def test_seed_is_deterministic_idempotent_and_plausible(
+    settings: Settings, session: AsyncSession
+) -> None:
+    cli_ok(settings, *SEED_ARGS)
+    first = await checksum(session)
+    assert first["facts"] == 20 * 300
+    assert first["days"] == 20
+    assert first["regions"] == ",".join(DEMO_VALUES["region"])
+    assert first["platforms"] == "facebook,instagram,messenger,audience_network"
+
+    cli_ok(settings, *SEED_ARGS)
+    assert await checksum(session) == first
+
+    assert "nothing to do" in cli_ok(settings, *SEED_ARGS, "--seed", "2", "--if-empty")
+    assert await checksum(session) == first
+    cli_ok(settings, *SEED_ARGS, "--seed", "2")
+    other = await checksum(session)
+    assert other["facts"] == first["facts"] and other["facts_md5"] != first["facts_md5"]
+
+    implausible = await session.exec(  # type: ignore[call-overload]
+        text(
+            "SELECT count(*) FROM fact_ad_metrics_daily"
+            " WHERE clicks > impressions OR conversions > clicks"
+        )
+    )
+    assert implausible.scalar_one() == 0
+    span = await session.exec(  # type: ignore[call-overload]
+        text("SELECT min(date_id), max(date_id) FROM fact_ad_metrics_daily")
+    )
+    assert tuple(span.one()) == (20261022, 20261110)
+
+
+@pytest.mark.usefixtures("empty_metrics")
+def test_seed_rejects_sizes_out_of_range(settings: Settings) -> None:
+    for args in (("--days", "0"), ("--rows-per-day", str(COMBINATIONS + 1))):
+        result = run_cli(settings, "seed-metrics", *args)
+        assert result.returncode == 2
+        assert args[0] in result.stderr
+
+
+# The same question, worked out the plain way: join every dimension to every fact, then group.
+GROUP_SQL = {
+    "date": "d.date_value",
+    "week": "CAST(date_trunc('week', d.date_value) AS date)",
+    "month": "CAST(date_trunc('month', d.date_value) AS date)",
+    "region": "r.region_name",
+    "age_group": "a.age_range",
+    "gender": "g.gender_name",
+    "platform": "p.platform_name",
+    "placement": "pl.placement_name",
+    "device_type": "dt.device_type_name",
+}
+PLAIN_JOIN = """
+FROM fact_ad_metrics_daily f
+JOIN dim_date d ON d.date_id = f.date_id
+JOIN dim_region r ON r.region_id = f.region_id
+JOIN dim_age_group a ON a.age_id = f.age_id
+JOIN dim_gender g ON g.gender_id = f.gender_id
+JOIN dim_platform p ON p.platform_id = f.platform_id
+JOIN dim_placement pl ON pl.placement_id = f.placement_id
+JOIN dim_device_type dt ON dt.device_type_id = f.device_type_id
+WHERE d.date_value BETWEEN :start AND :end AND (:platform = '' OR p.platform_name = :platform)
+"""
+
+
+async def plain_sql(
+    session: AsyncSession, group_by: list[str], start: date, end: date, platform: str
+) -> list[dict[str, Any]]:
+    columns = [f"{GROUP_SQL[g]} AS {g}" for g in group_by]
+    sums = [f"sum(f.{m}) AS {m}" for m in ("impressions", "clicks", "cost", "conversions", "likes")]
+    grouping = f" GROUP BY {', '.join(GROUP_SQL[g] for g in group_by)}" if group_by else ""
+    statement = text(f"SELECT {', '.join(columns + sums)} {PLAIN_JOIN}{grouping}").bindparams(
+        start=start, end=end, platform=platform
+    )
+    result = await session.exec(statement)  # type: ignore[call-overload]
+    rows = []
+    for record in result.mappings():
+        if record["impressions"] is None:
+            continue
+        groups = {
+            g: str(record[g]) if g in ("date", "week", "month") else record[g] for g in group_by
+        }
+        facts = [
+            {
+                m: Decimal(record[m])
+                for m in ("impressions", "clicks", "cost", "conversions", "likes")
+            }
+        ]
+        rows.append({**groups, **metrics(facts)})
+    return rows
+
+
+@pytest.mark.parametrize(
+    "group_by",
+    [
+        [],
+        ["date"],
+        ["week"],
+        ["month"],
+        ["region"],
+        ["age_group"],
+        ["gender"],
+        ["platform"],
+        ["placement"],
+        ["device_type"],
+        ["month", "platform", "device_type"],
+    ],
+)
+@pytest.mark.parametrize("platform", ["", "instagram"])
+@pytest.mark.usefixtures("seeded")
+async def test_answers_on_seeded_data_equal_plain_sql(
+    settings: Settings,
+    session: AsyncSession,
+    client: httpx.AsyncClient,
+    group_by: list[str],
+    platform: str,
+) -> None:
+    start, end = date(2026, 10, 25), date(2026, 11, 8)
+    params: dict[str, Any] = {
+        "start_date": start,
+        "end_date": end,
+        "group_by": group_by,
+        "limit": 1000,
+    }
+    if platform:
+        params["platform"] = platform
+    response = await client.get("/metrics", params=params)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = await plain_sql(session, group_by, start, end, platform)
+    key = lambda row: [str(row[g]) for g in group_by]  # noqa: E731
+    assert sorted(body["rows"], key=key) == sorted(expected, key=key)
+    assert body["total_rows"] == len(expected)
+    assert body["totals"] == (await plain_sql(session, [], start, end, platform))[0]
+
+
+# --- load-metrics ------------------------------------------------------------------------------
+
+HEADER = "date,region,age_group,gender,platform,placement,device_type,impressions,clicks,cost,conversions,likes\n"  # noqa: E501
+
+
+def write_csv(tmp_path: Path, *lines: str, header: str = HEADER) -> Path:
+    path = tmp_path / "metrics.csv"
+    path.write_text(header + "".join(f"{line}\n" for line in lines))
+    return path
+
+
+@pytest.mark.usefixtures("empty_metrics")
+async def test_load_upserts_facts_and_creates_new_values(
+    settings: Settings, session: AsyncSession, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    cli_ok(settings, *SEED_ARGS)
+    before = await checksum(session)
+    rows = [
+        "2026-11-10,Atlantis,18-24,female,facebook,feed,mobile,100,10,1.50,1,2",
+        "2026-11-10,germany,18-24,female,FACEBOOK,feed,mobile,200,20,3.00,2,4",
+        "2026-12-25,Germany,65+,unknown,messenger,search,connected_tv,0,0,0,0,0",
+    ]
+    output = cli_ok(settings, "load-metrics", str(write_csv(tmp_path, *rows)))
+    assert "3 facts inserted or updated" in output
+    loaded = await checksum(session)
+    assert loaded["facts"] in (before["facts"] + 2, before["facts"] + 3)
+    assert loaded["regions"] == before["regions"] + ",Atlantis"
+    assert loaded["days"] == before["days"] + 1
+
+    atlantis = (
+        await client.get("/metrics", params={"region": "atlantis", "preset": "last_7d"})
+    ).json()
+    assert atlantis["totals"]["impressions"] == 100
+
+    changed = [rows[0].replace(",100,10,1.50,", ",150,15,2.25,")]
+    cli_ok(settings, "load-metrics", str(write_csv(tmp_path, *changed)))
+    assert (await checksum(session))["facts"] == loaded["facts"]
+    atlantis = (
+        await client.get("/metrics", params={"region": "Atlantis", "preset": "last_7d"})
+    ).json()
+    assert (atlantis["totals"]["impressions"], atlantis["totals"]["cost"]) == (150, 2.25)
+
+
+BAD_LINES = {
+    3: "2026-02-30,North,18-24,female,facebook,feed,mobile,1,0,0,0,0",
+    4: "2026-11-10,North,18-24,female,facebook,feed,mobile,-1,0,0,0,0",
+    5: "2026-11-10,North,18-24,female,facebook,feed,mobile,1,0,1.005,0,0",
+    6: "2026-11-10,North,18-24,female,facebook,feed,mobile,1,0,0,0",
+    7: "2026-11-10,Nor\x01th,18-24,female,facebook,feed,mobile,1,0,0,0,0",
+    8: "2026-11-10, ,18-24,female,facebook,feed,mobile,1,0,0,0,0",
+    9: "2026-11-10,North,18-24,female,facebook,feed,mobile,99999999999999999999,0,0,0,0",
+}
+
+
+@pytest.mark.usefixtures("empty_metrics")
+async def test_a_malformed_file_is_rejected_whole_with_line_numbers(
+    settings: Settings, session: AsyncSession, tmp_path: Path
+) -> None:
+    cli_ok(settings, *SEED_ARGS)
+    before = await checksum(session)
+    good = "2026-11-10,Atlantis,18-24,female,facebook,feed,mobile,100,10,1.50,1,2"
+    path = write_csv(tmp_path, good, *BAD_LINES.values())
+    result = run_cli(settings, "load-metrics", str(path))
+    assert result.returncode == 1
+    assert "nothing was written" in result.stderr
+    for number in BAD_LINES:
+        assert f"line {number}: " in result.stderr
+    assert "line 2:" not in result.stderr
+    assert await checksum(session) == before
+
+
+@pytest.mark.usefixtures("empty_metrics")
+async def test_a_key_given_twice_is_rejected_naming_both_lines(
+    settings: Settings, session: AsyncSession, tmp_path: Path
+) -> None:
+    cli_ok(settings, *SEED_ARGS)
+    before = await checksum(session)
+    line = "2026-11-10,Atlantis,18-24,female,facebook,feed,mobile,100,10,1.50,1,2"
+    path = write_csv(
+        tmp_path, line, line.replace("Atlantis", "Lemuria"), line.replace("Atlantis", "ATLANTIS")
+    )
+    result = run_cli(settings, "load-metrics", str(path))
+    assert result.returncode == 1
+    assert "line 2: same date and dimensions as line(s) [4]" in result.stderr
+    assert await checksum(session) == before
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "",
+        "date,region\n2026-11-10,North\n",
+        HEADER.replace("likes", "shares")
+        + "2026-11-10,North,18-24,female,facebook,feed,mobile,1,0,0,0,0\n",
+    ],
+)
+@pytest.mark.usefixtures("empty_metrics")
+async def test_a_file_without_the_right_header_is_rejected(
+    settings: Settings, session: AsyncSession, tmp_path: Path, content: str
+) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text(content)
+    result = run_cli(settings, "load-metrics", str(path))
+    assert result.returncode == 1
+    assert "line 1: the header must be" in result.stderr
+    assert (await checksum(session))["facts"] == 0
