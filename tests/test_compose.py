@@ -1,0 +1,235 @@
+"""The shipping files, checked without a Docker engine: the compose file's structure, hadolint on
+the Dockerfile, and each compose command run as stated against the local servers."""
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+import worker
+from settings import Settings
+from tests.conftest import ROOT, _admin_execute, database_url_for, redis_url
+from tests.servers import WorkerProcess, wait_until
+
+COMPOSE = yaml.safe_load(Path(ROOT, "docker-compose.yml").read_text())
+SERVICES: dict[str, Any] = COMPOSE["services"]
+DOCKERFILE = Path(ROOT, "Dockerfile").read_text()
+LONG_RUNNING = ("db", "redis", "api", "worker")
+VARIABLE = re.compile(r"\$\{(\w+):-([^}]*)\}")
+
+
+def resolve(value: str) -> str:
+    """A compose value with every ${NAME:-default} at its default (no .env, no shell vars)."""
+    return VARIABLE.sub(lambda match: match.group(2), value).replace("$$", "$")
+
+
+def environment(service: str) -> dict[str, str]:
+    return {name: resolve(str(value)) for name, value in SERVICES[service]["environment"].items()}
+
+
+def test_services_and_their_images() -> None:
+    assert set(SERVICES) == {"db", "redis", "migrate", "api", "worker"}
+    assert SERVICES["db"]["image"].startswith("postgres:15")
+    assert SERVICES["redis"]["image"].startswith("redis:7")
+    images = {SERVICES[name]["image"] for name in ("migrate", "api", "worker")}
+    assert len(images) == 1, "api, worker and migrate run one image"
+    assert all(SERVICES[name]["build"] == "." for name in ("migrate", "api", "worker"))
+
+
+def test_database_keeps_its_data_in_a_named_volume() -> None:
+    assert "pgdata:/var/lib/postgresql/data" in SERVICES["db"]["volumes"]
+    assert "pgdata" in COMPOSE["volumes"]
+
+
+def test_every_long_running_service_has_a_healthcheck_and_restarts() -> None:
+    checks = {name: " ".join(SERVICES[name]["healthcheck"]["test"]) for name in LONG_RUNNING}
+    assert "pg_isready" in checks["db"]
+    assert "redis-cli ping" in checks["redis"]
+    assert "/health" in checks["api"]
+    assert "arq --check worker.WorkerSettings" in checks["worker"]
+    assert all(SERVICES[name]["restart"] == "unless-stopped" for name in LONG_RUNNING)
+    assert SERVICES["migrate"]["restart"] == "no"
+
+
+def test_api_and_worker_start_after_healthy_servers_and_the_migration() -> None:
+    for name in ("api", "worker"):
+        assert SERVICES[name]["depends_on"] == {
+            "db": {"condition": "service_healthy"},
+            "redis": {"condition": "service_healthy"},
+            "migrate": {"condition": "service_completed_successfully"},
+        }
+    assert SERVICES["migrate"]["depends_on"] == {"db": {"condition": "service_healthy"}}
+    migration = SERVICES["migrate"]["command"][-1]
+    assert "alembic upgrade head" in migration and "seed-metrics --if-empty" in migration
+
+
+def test_commands_ports_and_shutdown_grace() -> None:
+    assert SERVICES["api"]["command"][:2] == ["uvicorn", "main:app"]
+    assert SERVICES["api"]["ports"] == ["${API_PORT:-8000}:8000"]
+    assert SERVICES["worker"]["command"] == ["arq", "worker.WorkerSettings"]
+    grace = int(SERVICES["worker"]["stop_grace_period"].removesuffix("s"))
+    assert grace > worker.WorkerSettings.job_completion_wait
+
+
+def test_configuration_has_working_development_defaults() -> None:
+    for name in ("migrate", "api", "worker"):
+        raw = SERVICES[name]["environment"]
+        assert all("${" in str(value) for value in raw.values()), raw
+        settings = Settings.model_validate(environment(name))
+        assert settings.ENVIRONMENT == "development"
+    database = SERVICES["db"]["environment"]
+    url = environment("api")["DATABASE_URL"]
+    user, password, name = (
+        resolve(database[k]) for k in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB")
+    )
+    assert url == f"postgresql+asyncpg://{user}:{password}@db:5432/{name}"
+
+
+# --- the image ---------------------------------------------------------------------------------
+
+
+def test_hadolint_finds_nothing() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run(
+        [str(hadolint), "--failure-threshold", "warning", "Dockerfile"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_is_multi_stage_non_root_with_exec_form_cmd() -> None:
+    assert len(re.findall(r"^FROM python:3\.11-slim", DOCKERFILE, re.MULTILINE)) == 2
+    assert re.search(r"^USER (?!root|0)\S+", DOCKERFILE, re.MULTILINE)
+    assert re.search(r'^CMD \["uvicorn", "main:app"', DOCKERFILE, re.MULTILINE)
+    assert re.search(r"^HEALTHCHECK .*\n\s+CMD \[\"python\"", DOCKERFILE, re.MULTILINE)
+    assert "--no-cache-dir -r /tmp/requirements.txt" in DOCKERFILE
+
+
+def test_image_gets_every_module_the_app_imports() -> None:
+    copied = set(re.search(r"^COPY (main\.py .*) \./$", DOCKERFILE, re.MULTILINE)[1].split())  # type: ignore[index]
+    modules = {path.name for path in Path(ROOT).glob("*.py")}
+    assert modules <= copied
+    ignored = Path(ROOT, ".dockerignore").read_text().split()
+    assert all(f"!{name}" in ignored for name in copied)
+
+
+# --- each command, run as compose states it --------------------------------------------------
+
+
+@pytest.fixture
+def stack_database() -> Iterator[str]:
+    name = f"test_compose_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
+    try:
+        yield database_url_for(name)
+    finally:
+        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def local_environment(service: str, database_url: str) -> dict[str, str]:
+    """The service's environment from the compose file, with db and redis pointed at the local
+    servers (and a database of this test's own)."""
+    return {**environment(service), "DATABASE_URL": database_url, "REDIS_URL": redis_url()}
+
+
+def with_venv(env: dict[str, str]) -> dict[str, str]:
+    """The environment of a container: the image's tools (here, the venv's) on PATH."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", **env}
+
+
+def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        command,
+        cwd=ROOT,
+        env=with_venv(env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def readme_curl_block() -> str:
+    """The README's "Use it" examples, as a new user would paste them."""
+    readme = Path(ROOT, "README.md").read_text()
+    section = readme.split("\n## Use it\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_the_stack_runs_as_compose_states_it(stack_database: str, tmp_path: Path) -> None:
+    migrate = run(SERVICES["migrate"]["command"], local_environment("migrate", stack_database))
+    assert migrate.returncode == 0, migrate.stderr
+    assert "seed-metrics: 109,500 rows" in migrate.stderr + migrate.stdout
+    again = run(SERVICES["migrate"]["command"], local_environment("migrate", stack_database))
+    assert again.returncode == 0 and "nothing to do" in again.stdout
+
+    assert port_is_free(8000), "the api command binds port 8000, which is taken here"
+    api_log = tmp_path / "api.log"
+    with api_log.open("w") as log:
+        api = subprocess.Popen(
+            SERVICES["api"]["command"],
+            cwd=ROOT,
+            env=with_venv(local_environment("api", stack_database)),
+            stdout=log,  # uvicorn's access log
+            stderr=log,
+        )
+    stack_worker = WorkerProcess(tmp_path, local_environment("worker", stack_database))
+    try:
+        wait_until(lambda: not port_is_free(8000) or api.poll() is not None, 30, "the api")
+        health = httpx.get("http://127.0.0.1:8000/health", timeout=5)
+        assert health.status_code == 200
+        token = httpx.post(
+            "http://127.0.0.1:8000/auth/token",
+            data={"username": "admin", "password": "admin"},
+            timeout=10,
+        )
+        assert token.status_code == 200, token.text
+        metrics = httpx.get("http://127.0.0.1:8000/metrics?group_by=platform", timeout=10).json()
+        assert metrics["total_rows"] == 4 and metrics["totals"]["impressions"] > 0
+        api_check = run(SERVICES["api"]["healthcheck"]["test"][1:], {})
+        assert api_check.returncode == 0, api_check.stderr
+        readme = subprocess.run(
+            ["bash", "-euo", "pipefail", "-c", readme_curl_block()],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert readme.returncode == 0, readme.stderr
+
+        stack_worker.wait_for_output("==== end of report ====")
+        worker_check = run(
+            SERVICES["worker"]["healthcheck"]["test"][1:],
+            local_environment("worker", stack_database),
+        )
+        assert worker_check.returncode == 0, worker_check.stderr
+    finally:
+        api.terminate()
+        api_exit = api.wait(timeout=20)
+        worker_exit = stack_worker.stop()
+    statuses = re.findall(r'"(\w+) (\S+) HTTP/1.1" (\d{3})', api_log.read_text())
+    assert not [s for s in statuses if s[2].startswith("5")], statuses
+    unauthorized = [(method, path) for method, path, status in statuses if status == "401"]
+    assert unauthorized == [("DELETE", "/pets/2")], "only the README's deliberate 401"
+    # uvicorn ends a graceful shutdown by re-raising SIGTERM, as docker stop expects.
+    assert api_exit in (0, -15) and "Finished server process" in api_log.read_text()
+    assert worker_exit == 0
