@@ -10,11 +10,12 @@ from fastapi import Depends, Request
 from fastapi.security import OAuth2PasswordBearer
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
+from redis.asyncio import Redis
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 import crud
 from db import SessionDep
-from errors import Unauthorized
+from errors import TooManyRequests, Unauthorized
 from models import INT32_MAX, Token, User
 from settings import Settings
 
@@ -47,6 +48,38 @@ async def authenticate(session: AsyncSession, username: str, password: str) -> U
         await verify_password(password, dummy_hash())
         return None
     return user if await verify_password(password, user.password_hash) else None
+
+
+def _login_failure_keys(username: str, client: str) -> tuple[str, str]:
+    return f"pets:login-failures:user:{username}", f"pets:login-failures:client:{client}"
+
+
+async def check_login_allowed(redis: Redis, settings: Settings, username: str, client: str) -> None:
+    """429 while this username or this client has used up its failed logins for the window."""
+    keys = _login_failure_keys(username, client)
+    limits = (settings.LOGIN_MAX_FAILURES_PER_USER, settings.LOGIN_MAX_FAILURES_PER_CLIENT)
+    counts = await redis.mget(keys)
+    for key, count, limit in zip(keys, counts, limits, strict=True):
+        if count is not None and int(count) >= limit:
+            raise TooManyRequests(
+                "Too many failed logins; try again later.", retry_after=await redis.ttl(key)
+            )
+
+
+async def record_login(
+    redis: Redis, settings: Settings, username: str, client: str, succeeded: bool
+) -> None:
+    """Count a failure against the username and the client (the window starts at the first);
+    a success clears the username's count."""
+    user_key, client_key = _login_failure_keys(username, client)
+    if succeeded:
+        await redis.delete(user_key)
+        return
+    async with redis.pipeline(transaction=True) as pipe:
+        for key in (user_key, client_key):
+            pipe.incr(key)
+            pipe.expire(key, settings.LOGIN_FAILURE_WINDOW_SECONDS, nx=True)
+        await pipe.execute()
 
 
 def issue_token(user: User, settings: Settings, now: datetime | None = None) -> Token:

@@ -3,6 +3,7 @@
 from collections.abc import Mapping
 from typing import ClassVar
 
+from redis.exceptions import RedisError
 from sqlalchemy import exc as sa_exc
 
 # Where a problem is (as in a validation error's `loc`) and what it is.
@@ -54,6 +55,17 @@ class Unauthorized(ServiceError):
         super().__init__(detail, {"WWW-Authenticate": challenge})
 
 
+class UnsupportedMediaType(ServiceError):
+    status = 415
+
+
+class TooManyRequests(ServiceError):
+    status = 429
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail, {"Retry-After": str(max(retry_after, 1))})
+
+
 class Unavailable(ServiceError):
     status = 503
 
@@ -71,7 +83,9 @@ def _sqlstate(error: sa_exc.DBAPIError) -> str:
 
 
 def classify_db_error(error: BaseException) -> ServiceError | None:
-    """Map a database or connection fault to a domain error; None means a bug (answer 500)."""
+    """Map a database, Redis or connection fault to a domain error; None means a bug (500)."""
+    if isinstance(error, RedisError):
+        return Unavailable("Redis is unavailable.")
     if isinstance(error, sa_exc.TimeoutError):
         return Unavailable("The database is busy: no connection became free in time.")
     if isinstance(error, sa_exc.DBAPIError):

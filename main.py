@@ -4,11 +4,13 @@ import asyncio
 import csv
 import io
 import logging
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, date, datetime
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
+from urllib.parse import unquote_to_bytes
 
 from fastapi import APIRouter, Depends, FastAPI, Form, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -16,12 +18,22 @@ from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 import crud
-from auth import CurrentUser, authenticate, dummy_hash, hash_password, issue_token
+from auth import (
+    CurrentUser,
+    authenticate,
+    check_login_allowed,
+    dummy_hash,
+    hash_password,
+    issue_token,
+    record_login,
+)
 from db import SessionDep, SessionMaker, create_engine, create_sessionmaker
 from errors import (
     ErrorItem,
@@ -30,6 +42,7 @@ from errors import (
     ServiceError,
     Unauthorized,
     Unavailable,
+    UnsupportedMediaType,
     classify_db_error,
 )
 from models import (
@@ -217,6 +230,9 @@ def openapi_with_problems(app: FastAPI) -> dict[str, Any]:
         )
         problem_ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
         for operation in (op for path in schema["paths"].values() for op in path.values()):
+            # Any request can be malformed below the schema: a URL that is not UTF-8, a body
+            # that cannot be decoded.
+            operation["responses"].setdefault("400", {"description": "Bad Request"})
             for status, response in operation.get("responses", {}).items():
                 if int(status) >= 400:
                     response["content"] = {PROBLEM_MEDIA_TYPE: problem_ref}
@@ -227,12 +243,68 @@ def openapi_with_problems(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
+# --- request checks ----------------------------------------------------------------------------
+
+# Query parameters that may be given more than once; any other repeated one is an error, not
+# silently "the last one wins".
+REPEATABLE_PARAMETERS = frozenset({"group_by", *DIMENSIONS})
+
+
+async def reject_repeated_parameters(request: Request) -> None:
+    counts = Counter(name for name, _ in request.query_params.multi_items())
+    repeated = sorted(
+        name for name, n in counts.items() if n > 1 and name not in REPEATABLE_PARAMETERS
+    )
+    if repeated:
+        raise InvalidParameters([(["query", name], "given more than once") for name in repeated])
+
+
+async def require_json_body(request: Request) -> None:
+    """415 for a body that says it is something other than JSON (curl -d sends a form)."""
+    content_type = request.headers.get("content-type")
+    if content_type is None:
+        return
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    if media_type != "application/json" and not media_type.endswith("+json"):
+        raise UnsupportedMediaType(
+            f"The body must be JSON (Content-Type: application/json), not {media_type!r}."
+        )
+
+
+JsonBody = Depends(require_json_body)
+
+
+def _decodes(raw: bytes) -> bool:
+    try:
+        unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class RejectUndecodableUrls:
+    """400 for a path or query string that is not UTF-8 once percent-decoded (lone surrogates,
+    stray bytes), where the server would otherwise turn it into U+FFFD and carry on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not (
+            _decodes(scope.get("raw_path") or b"") and _decodes(scope["query_string"])
+        ):
+            response = problem_response(400, "The URL is not valid UTF-8 once percent-decoded.")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
 # --- routes ------------------------------------------------------------------------------------
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(reject_repeated_parameters)])
 
 
-@router.post("/auth/token", tags=["auth"], responses=problems(401, 422, 503))
+@router.post("/auth/token", tags=["auth"], responses=problems(401, 422, 429, 503))
 async def issue_access_token(
     request: Request,
     session: SessionDep,
@@ -240,11 +312,18 @@ async def issue_access_token(
     password: Annotated[str, Form(min_length=1, max_length=1024)],
     grant_type: Annotated[Literal["password"] | None, Form()] = None,
 ) -> Token:
-    """Exchange a username and password (OAuth2 password flow) for a bearer token."""
+    """Exchange a username and password (OAuth2 password flow) for a bearer token.
+
+    Failed logins are limited per username and per client address (429 with Retry-After)."""
+    settings: Settings = request.app.state.settings
+    redis: Redis = request.app.state.redis
+    client = request.client.host if request.client else "unknown"
+    await check_login_allowed(redis, settings, username, client)
     user = await authenticate(session, username, password)
+    await record_login(redis, settings, username, client, succeeded=user is not None)
     if user is None:
         raise Unauthorized("Incorrect username or password.")
-    return issue_token(user, request.app.state.settings)
+    return issue_token(user, settings)
 
 
 @router.get("/pets", tags=["pets"], responses=problems(422, 503))
@@ -273,8 +352,9 @@ async def get_pet(session: SessionDep, pet_id: PetId) -> PetPublic:
                 }
             }
         },
-        **problems(401, 422, 503),
+        **problems(401, 415, 422, 503),
     },
+    dependencies=[JsonBody],
 )
 async def create_pet(
     request: Request,
@@ -289,7 +369,12 @@ async def create_pet(
     return created  # type: ignore[return-value]
 
 
-@router.put("/pets/{pet_id}", tags=["pets"], responses=problems(401, 404, 422, 503))
+@router.put(
+    "/pets/{pet_id}",
+    tags=["pets"],
+    responses=problems(401, 404, 415, 422, 503),
+    dependencies=[JsonBody],
+)
 async def replace_pet(
     session: SessionDep, user: CurrentUser, pet_id: PetId, pet: PetCreate
 ) -> PetPublic:
@@ -297,7 +382,12 @@ async def replace_pet(
     return await crud.replace_pet(session, pet_id, pet)  # type: ignore[return-value]
 
 
-@router.patch("/pets/{pet_id}", tags=["pets"], responses=problems(401, 404, 422, 503))
+@router.patch(
+    "/pets/{pet_id}",
+    tags=["pets"],
+    responses=problems(401, 404, 415, 422, 503),
+    dependencies=[JsonBody],
+)
 async def patch_pet(
     session: SessionDep, user: CurrentUser, pet_id: PetId, changes: PetUpdate
 ) -> PetPublic:
@@ -416,7 +506,11 @@ async def list_dimensions() -> DimensionList:
 
 @router.get("/dimensions/{name}", tags=["metrics"], responses=problems(404, 422, 503))
 async def get_dimension_values(
-    session: SessionDep, name: Annotated[str, Path(max_length=50, pattern=r"^[a-z_]+$")]
+    session: SessionDep,
+    name: Annotated[
+        str,
+        Path(max_length=50, pattern=r"^[a-z_]+$", json_schema_extra={"enum": list(DIMENSIONS)}),
+    ],
 ) -> DimensionValues:
     """Every known value of one dimension, for building filters."""
     dimension = DIMENSIONS.get(name)
@@ -481,11 +575,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.include_router(router)
+    app.add_middleware(RejectUndecodableUrls)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(sa_exc.SQLAlchemyError, on_database_error)
     app.add_exception_handler(OSError, on_database_error)
+    app.add_exception_handler(RedisError, on_database_error)
     app.add_exception_handler(Exception, on_unexpected_error)
     app.openapi = lambda: openapi_with_problems(app)  # type: ignore[method-assign]
     return app

@@ -13,6 +13,9 @@ from pydantic import (
     ValidationInfo,
     field_validator,
 )
+from pydantic import (
+    Field as PydanticField,
+)
 from sqlalchemy import BigInteger, CheckConstraint, Column, DateTime, Index, func
 from sqlmodel import Field, SQLModel
 
@@ -327,6 +330,8 @@ MetricsSort = Literal[
 ]  # fmt: skip
 MetricsPreset = Literal["last_7d", "last_30d", "last_90d", "this_month", "last_month"]
 FilterValues = Annotated[list[DimensionName], Field(max_length=100)]
+# Repeats are rejected (below); uniqueItems says so in the OpenAPI document.
+GroupByList = Annotated[list[GroupBy], PydanticField(json_schema_extra={"uniqueItems": True})]
 
 
 # Query parameters of GET /metrics. Rules that need the clock or settings (presets, the longest
@@ -348,7 +353,7 @@ class MetricsQuery(SQLModel):
     platform: FilterValues = Field(default_factory=list)
     placement: FilterValues = Field(default_factory=list)
     device_type: FilterValues = Field(default_factory=list)
-    group_by: list[GroupBy] = Field(default_factory=list, max_length=len(TIME_GROUPS) + 6)
+    group_by: GroupByList = Field(default_factory=list, max_length=len(TIME_GROUPS) + 6)
     sort: MetricsSort | None = Field(
         default=None,
         description="A grouped field or a metric, `-` for descending. "

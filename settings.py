@@ -36,6 +36,10 @@ class Settings(BaseSettings):
     DB_CONNECT_TIMEOUT: float = Field(default=5.0, gt=0)
     # Server-side statement_timeout for the service's sessions (migrations are not bound by it).
     DB_STATEMENT_TIMEOUT_MS: int = Field(default=15_000, ge=0)
+    # Failed logins allowed per username and per client address within the window; then 429.
+    LOGIN_MAX_FAILURES_PER_USER: int = Field(default=5, ge=1)
+    LOGIN_MAX_FAILURES_PER_CLIENT: int = Field(default=20, ge=1)
+    LOGIN_FAILURE_WINDOW_SECONDS: int = Field(default=300, ge=1)
     # The longest date range GET /metrics answers (three years).
     METRICS_MAX_SPAN_DAYS: int = Field(default=3 * 365 + 1, ge=1)
 

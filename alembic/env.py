@@ -4,7 +4,7 @@ import asyncio
 from logging.config import fileConfig
 
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlmodel import SQLModel
 
 import models  # noqa: F401 - registers every table on SQLModel.metadata
@@ -12,7 +12,11 @@ from alembic import context
 from settings import Settings
 
 config = context.config
-if config.config_file_name is not None and config.attributes.get("configure_logging", True):
+# A caller that hands over its own connection (tests, pytest-alembic) keeps its own logging too.
+programmatic = "connection" in config.attributes or not config.attributes.get(
+    "configure_logging", True
+)
+if config.config_file_name is not None and not programmatic:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 target_metadata = SQLModel.metadata
@@ -42,16 +46,27 @@ def do_run_migrations(connection: Connection) -> None:
         context.run_migrations()
 
 
-async def run_async_migrations() -> None:
-    engine = create_async_engine(database_url())
+async def run_async_migrations(engine: AsyncEngine, owned: bool) -> None:
     try:
         async with engine.connect() as connection:
             await connection.run_sync(do_run_migrations)
     finally:
-        await engine.dispose()
+        if owned:
+            await engine.dispose()
+
+
+def run_migrations_online() -> None:
+    """On the caller's connection or engine when one is given, else on DATABASE_URL."""
+    given = config.attributes.get("connection")
+    if isinstance(given, Connection):
+        do_run_migrations(given)
+    elif isinstance(given, AsyncEngine):
+        asyncio.run(run_async_migrations(given, owned=False))
+    else:
+        asyncio.run(run_async_migrations(create_async_engine(database_url()), owned=True))
 
 
 if context.is_offline_mode():
     run_migrations_offline()
 else:
-    asyncio.run(run_async_migrations())
+    run_migrations_online()

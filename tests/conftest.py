@@ -110,7 +110,7 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         asyncio.run(flush_redis(claimed))
 
 
-def alembic_config(database_url: str) -> Config:
+def alembic_config_for(database_url: str) -> Config:
     config = Config(os.path.join(ROOT, "alembic.ini"))
     config.attributes["database_url"] = database_url
     config.attributes["configure_logging"] = False
@@ -137,7 +137,7 @@ def database_url() -> Iterator[str]:
     asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
     url = database_url_for(name)
     try:
-        command.upgrade(alembic_config(url), "head")
+        command.upgrade(alembic_config_for(url), "head")
         yield url
     finally:
         asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
@@ -173,8 +173,16 @@ def client_for(application: FastAPI, **options: object) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=transport, base_url="http://test")
 
 
+async def forget_failed_logins(app: FastAPI) -> None:
+    """Each test starts with no failed logins counted against it (they would lead to 429s)."""
+    keys = [key async for key in app.state.redis.scan_iter(match="pets:login-failures:*")]
+    if keys:
+        await app.state.redis.delete(*keys)
+
+
 @pytest.fixture
 async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    await forget_failed_logins(app)
     async with client_for(app) as http:
         yield http
 

@@ -94,6 +94,32 @@ async def test_login_rejects_malformed_forms(
     assert response.json()["errors"]
 
 
+async def test_failed_logins_per_username_are_limited(client: httpx.AsyncClient) -> None:
+    for _ in range(5):
+        assert (await login(client, ADMIN_USERNAME, "wrong-password")).status_code == 401
+    blocked = await login(client, ADMIN_USERNAME, ADMIN_PASSWORD)
+    assert blocked.status_code == 429
+    assert blocked.headers["content-type"] == "application/problem+json"
+    assert 0 < int(blocked.headers["retry-after"]) <= 300
+    # Another account from the same client is not locked out by this one's failures.
+    assert (await login(client, "someone-else", "wrong-password")).status_code == 401
+
+
+async def test_failed_logins_per_client_are_limited(client: httpx.AsyncClient) -> None:
+    for number in range(20):
+        assert (await login(client, f"guess{number}", "wrong-password")).status_code == 401
+    blocked = await login(client, ADMIN_USERNAME, ADMIN_PASSWORD)
+    assert blocked.status_code == 429
+    assert int(blocked.headers["retry-after"]) > 0
+
+
+async def test_a_successful_login_clears_the_username_count(client: httpx.AsyncClient) -> None:
+    for _ in range(2):
+        for _ in range(4):
+            assert (await login(client, ADMIN_USERNAME, "wrong-password")).status_code == 401
+        assert (await login(client, ADMIN_USERNAME, ADMIN_PASSWORD)).status_code == 200
+
+
 async def test_unknown_user_costs_one_hash_verification_like_a_wrong_password(
     client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -1,20 +1,26 @@
-"""Alembic builds exactly the schema the models describe, and walks down and up again."""
+"""Alembic builds exactly the schema the models describe, walks down and up again, and
+`alembic check` finds nothing to generate; plus pytest-alembic's built-in tests."""
 
 import asyncio
+import os
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from pytest_alembic.config import Config as PytestAlembicConfig
 from sqlalchemy import inspect
 from sqlalchemy.engine import Connection
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
 from sqlmodel import SQLModel
 
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from tests.conftest import _admin_execute, alembic_config, database_url_for
+from tests.conftest import ROOT, _admin_execute, alembic_config_for, database_url_for
 
 
 def _differences(connection: Connection) -> list[Any]:
@@ -49,8 +55,52 @@ def scratch_database_url() -> Iterator[str]:
         asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+# pytest-alembic: single head, upgrade, up/down consistency, models match the DDL. Each runs
+# on a scratch database through the async engine below (its runner hands env.py a connection).
+from pytest_alembic.tests import (  # noqa: E402
+    test_model_definitions_match_ddl,
+    test_single_head_revision,
+    test_up_down_consistency,
+    test_upgrade,
+)
+
+__all__ = [
+    "test_model_definitions_match_ddl",
+    "test_single_head_revision",
+    "test_up_down_consistency",
+    "test_upgrade",
+]
+
+
+@pytest.fixture
+def alembic_config() -> PytestAlembicConfig:
+    return PytestAlembicConfig(config_options={"file": os.path.join(ROOT, "alembic.ini")})
+
+
+@pytest.fixture
+def alembic_engine(scratch_database_url: str) -> AsyncEngine:
+    # No pool: each migration step runs in an event loop of its own, and a pooled connection
+    # would outlive the loop it was opened in.
+    return create_async_engine(scratch_database_url, poolclass=NullPool)
+
+
+def test_alembic_check_finds_nothing_to_generate(database_url: str) -> None:
+    alembic = os.path.join(os.path.dirname(sys.executable), "alembic")
+    result = subprocess.run(
+        [alembic, "check"],
+        cwd=ROOT,
+        env={**os.environ, "DATABASE_URL": database_url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "No new upgrade operations detected." in result.stdout + result.stderr
+
+
 def test_downgrade_to_base_and_upgrade_again(scratch_database_url: str) -> None:
-    config = alembic_config(scratch_database_url)
+    config = alembic_config_for(scratch_database_url)
     command.upgrade(config, "head")
     assert asyncio.run(_inspect(scratch_database_url, _tables)) == set(SQLModel.metadata.tables)
     command.downgrade(config, "base")

@@ -57,6 +57,18 @@ async def test_create_returns_201_with_location_and_normalised_fields(
     assert fetched.json() == pet
 
 
+async def test_json_with_a_charset_or_a_json_suffix_is_accepted(
+    client: httpx.AsyncClient, auth_headers: dict[str, str]
+) -> None:
+    for content_type in ("application/json; charset=utf-8", "application/merge-patch+json"):
+        response = await client.post(
+            "/pets",
+            content=b'{"name": "Rex", "pet_type": "dog"}',
+            headers={**auth_headers, "Content-Type": content_type},
+        )
+        assert response.status_code == 201, response.text
+
+
 async def test_create_keeps_unicode_and_punctuation_in_names(
     client: httpx.AsyncClient, auth_headers: dict[str, str]
 ) -> None:
@@ -122,13 +134,16 @@ async def test_create_accepts_the_longest_valid_values(
 
 
 @pytest.mark.parametrize(
-    ("content", "content_type"),
+    ("content", "content_type", "status"),
     [
-        (b'{"name": "Rex", "pet_type": ', "application/json"),
-        (b"not json at all", "application/json"),
-        (b'{"name": "Rex\\ud800", "pet_type": "dog"}', "application/json"),
-        (b"[]", "application/json"),
-        (b"name=Rex&pet_type=dog", "application/x-www-form-urlencoded"),
+        (b'{"name": "Rex", "pet_type": ', "application/json", 422),
+        (b"not json at all", "application/json", 422),
+        (b'{"name": "Rex\\ud800", "pet_type": "dog"}', "application/json", 422),
+        (b"[]", "application/json", 422),
+        (b"\xff\xfe{}", "application/json", 422),
+        (b'{"name": "\xff", "pet_type": "dog"}', "application/json", 400),
+        (b"name=Rex&pet_type=dog", "application/x-www-form-urlencoded", 415),
+        (b'{"name": "Rex", "pet_type": "dog"}', "text/plain", 415),
     ],
 )
 async def test_create_rejects_malformed_payloads(
@@ -137,10 +152,11 @@ async def test_create_rejects_malformed_payloads(
     session: AsyncSession,
     content: bytes,
     content_type: str,
+    status: int,
 ) -> None:
     headers = {**auth_headers, "Content-Type": content_type}
     response = await client.post("/pets", content=content, headers=headers)
-    assert_problem(response, 422)
+    assert_problem(response, status)
     assert await pet_count(session) == 0
 
 

@@ -25,7 +25,7 @@ import cli
 import worker
 from alembic import command
 from settings import HEARTBEAT_KEY, Settings
-from tests.conftest import ROOT, alembic_config, flush_redis, redis_url, run_cli
+from tests.conftest import ROOT, alembic_config_for, flush_redis, redis_url, run_cli
 from tests.servers import PrivatePostgres, PrivateRedis, WorkerProcess
 
 pytestmark = pytest.mark.usefixtures("empty_pet_table")
@@ -298,7 +298,7 @@ async def test_worker_rides_out_a_database_outage(
     postgres = PrivatePostgres()
     try:
         postgres.start()
-        await asyncio.to_thread(command.upgrade, alembic_config(postgres.url()), "head")
+        await asyncio.to_thread(command.upgrade, alembic_config_for(postgres.url()), "head")
         workers.append(WorkerProcess(tmp_path, worker_env(settings, DATABASE_URL=postgres.url())))
         process = workers[0]
         process.wait_for_output("No pets in the directory yet.")

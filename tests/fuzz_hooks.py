@@ -1,0 +1,57 @@
+"""Schemathesis hooks (SCHEMATHESIS_HOOKS=tests.fuzz_hooks): rules of GET /metrics that span
+several parameters, or depend on the data, which OpenAPI cannot state. Positive cases are made
+to follow them, as a client reading the documentation would; negative ones are left alone."""
+
+import re
+from datetime import date, timedelta
+from typing import Any
+
+import schemathesis
+
+from metrics_data import DEMO_VALUES
+from models import DIMENSIONS, METRICS, NAME_PATTERN
+from settings import Settings
+
+MAX_SPAN_DAYS = Settings.model_fields["METRICS_MAX_SPAN_DAYS"].default
+
+
+def _as_date(value: Any) -> date | None:
+    try:
+        return date.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None
+
+
+def _follow_metrics_rules(query: dict[str, Any]) -> None:
+    start, end = _as_date(query.get("start_date")), _as_date(query.get("end_date"))
+    if (start is None) != (end is None):  # the two go together
+        query.pop("start_date", None)
+        query.pop("end_date", None)
+    elif start is not None and end is not None:
+        query.pop("preset", None)  # a range or a preset, not both
+        start, end = min(start, end), max(start, end)
+        start = max(start, end - timedelta(days=MAX_SPAN_DAYS - 1))
+        query["start_date"], query["end_date"] = start.isoformat(), end.isoformat()
+    groups = query.get("group_by", [])
+    groups = groups if isinstance(groups, list) else [groups]
+    sort = query.get("sort")
+    if isinstance(sort, str) and sort.removeprefix("-") not in [*groups, *METRICS]:
+        del query["sort"]  # a sort on something the result holds
+    for name in DIMENSIONS:  # filter values that exist (the fuzz database holds the demo set)
+        values = query.get(name)
+        known = list(DEMO_VALUES[name])
+        if isinstance(values, list):
+            query[name] = [
+                known[i % len(known)] if isinstance(v, str) and re.match(NAME_PATTERN, v) else v
+                for i, v in enumerate(values)
+            ]
+
+
+@schemathesis.hook
+def map_case(
+    context: schemathesis.HookContext, case: schemathesis.Case[Any]
+) -> schemathesis.Case[Any]:
+    positive = case.meta is not None and case.meta.generation.mode.is_positive
+    if positive and case.operation.path == "/metrics" and isinstance(case.query, dict):
+        _follow_metrics_rules(case.query)
+    return case
