@@ -250,13 +250,32 @@ def openapi_with_problems(app: FastAPI) -> dict[str, Any]:
 REPEATABLE_PARAMETERS = frozenset({"group_by", *DIMENSIONS})
 
 
-async def reject_repeated_parameters(request: Request) -> None:
+def documented_query_parameters(app: FastAPI, path: str, method: str) -> frozenset[str]:
+    """The query parameters the OpenAPI document gives an operation (read once per app)."""
+    if not hasattr(app.state, "query_parameters"):
+        app.state.query_parameters = {
+            (route_path, verb.upper()): frozenset(
+                p["name"] for p in operation.get("parameters", []) if p["in"] == "query"
+            )
+            for route_path, operations in app.openapi()["paths"].items()
+            for verb, operation in operations.items()
+        }
+    known: frozenset[str] = app.state.query_parameters.get((path, method), frozenset())
+    return known
+
+
+async def check_query_parameters(request: Request) -> None:
+    """Unknown query parameters, and repeats of ones that take a single value, are 422."""
+    route = request.scope["route"]
+    known = documented_query_parameters(request.app, route.path_format, request.method)
     counts = Counter(name for name, _ in request.query_params.multi_items())
-    repeated = sorted(
-        name for name, n in counts.items() if n > 1 and name not in REPEATABLE_PARAMETERS
-    )
-    if repeated:
-        raise InvalidParameters([(["query", name], "given more than once") for name in repeated])
+    problems_found: list[ErrorItem] = [
+        (["query", name], "unknown parameter" if name not in known else "given more than once")
+        for name, count in sorted(counts.items())
+        if name not in known or (count > 1 and name not in REPEATABLE_PARAMETERS)
+    ]
+    if problems_found:
+        raise InvalidParameters(problems_found)
 
 
 async def require_json_body(request: Request) -> None:
@@ -301,7 +320,7 @@ class RejectUndecodableUrls:
 
 # --- routes ------------------------------------------------------------------------------------
 
-router = APIRouter(dependencies=[Depends(reject_repeated_parameters)])
+router = APIRouter(dependencies=[Depends(check_query_parameters)])
 
 
 @router.post("/auth/token", tags=["auth"], responses=problems(401, 422, 429, 503))

@@ -145,12 +145,12 @@ async def wait_for_database(sessionmaker: SessionMaker, budget_seconds: float) -
             async with sessionmaker() as session:
                 await crud.ping(session)
         except Exception as error:
-            if (
-                not isinstance(classify_db_error(error), Unavailable)
-                or loop.time() + delay > deadline
-            ):
+            if not isinstance(classify_db_error(error), Unavailable):
                 raise
             failures += 1
+            if loop.time() + delay > deadline:
+                log.warning("database unavailable (%r); giving up on this report", error)
+                raise
             log.warning("database unavailable (%r); retry %d in %.0f s", error, failures, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)

@@ -10,6 +10,7 @@ import jwt
 import pytest
 from jwt.warnings import InsecureKeyLengthWarning
 from pydantic import ValidationError
+from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 import auth
@@ -265,3 +266,54 @@ def test_short_secret_is_refused() -> None:
 def test_plain_postgres_url_gets_the_async_driver() -> None:
     settings = Settings(ENVIRONMENT="development", DATABASE_URL="postgresql://u@h:5432/d")
     assert settings.DATABASE_URL == "postgresql+asyncpg://u@h:5432/d"
+
+
+async def test_a_token_stops_working_when_its_user_is_deleted(
+    settings: Settings, client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    created = run_cli(settings, "create-user", "leaver", "--password-stdin", stdin="leaving-soon\n")
+    assert created.returncode == 0, created.stderr
+    token = (await login(client, "leaver", "leaving-soon")).json()["access_token"]
+    headers = {"Authorization": f"Bearer {token}"}
+    created_pet = await client.post(
+        "/pets", json={"name": "Rex", "pet_type": "dog"}, headers=headers
+    )
+    assert created_pet.status_code == 201
+    await session.exec(text("DELETE FROM \"user\" WHERE username = 'leaver'"))  # type: ignore[call-overload]
+    await session.commit()
+    response = await client.post("/pets", json={"name": "Max", "pet_type": "dog"}, headers=headers)
+    assert response.status_code == 401
+    assert response.json()["detail"] == "The access token's user no longer exists."
+
+
+def _property_names(schema: Any, components: dict[str, Any], seen: set[str]) -> set[str]:
+    """Every property name reachable from a JSON schema, following $refs."""
+    if isinstance(schema, list):
+        return set().union(*(_property_names(item, components, seen) for item in schema))
+    if not isinstance(schema, dict):
+        return set()
+    names: set[str] = set()
+    ref = schema.get("$ref")
+    if isinstance(ref, str) and ref not in seen:
+        seen.add(ref)
+        names |= _property_names(components[ref.rsplit("/", 1)[1]], components, seen)
+    names |= set(schema.get("properties", {}))
+    for value in schema.values():
+        names |= _property_names(value, components, seen)
+    return names
+
+
+async def test_no_response_can_carry_a_password_hash_or_a_traceback(
+    client: httpx.AsyncClient,
+) -> None:
+    document = (await client.get("/openapi.json")).json()
+    components = document["components"]["schemas"]
+    names: set[str] = set()
+    for operations in document["paths"].values():
+        for operation in operations.values():
+            for response in operation["responses"].values():
+                for content in response.get("content", {}).values():
+                    names |= _property_names(content.get("schema", {}), components, set())
+    assert {"id", "name", "access_token", "detail"} <= names  # the walk reaches the bodies
+    words = ("password", "hash", "secret", "trace")
+    assert {n for n in names if any(word in n.lower() for word in words)} == set()

@@ -317,7 +317,8 @@ async def test_csv_leaves_null_ratios_empty(client: httpx.AsyncClient) -> None:
         ({"platform": "face\x00book"}, "platform", "control characters"),
         ({"platform": ""}, "platform", "at least 1 character"),
         ({"format": "xml"}, "format", "json"),
-        ({"colour": "red"}, "colour", "Extra inputs"),
+        ({"colour": "red"}, "colour", "unknown parameter"),
+        ({"limit": ["5", "6"]}, "limit", "given more than once"),
     ],
 )
 async def test_bad_parameters_are_422_naming_them(

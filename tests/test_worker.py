@@ -9,10 +9,11 @@ import re
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import asyncpg
 import httpx
 import pytest
 from arq.cron import CronJob
@@ -245,6 +246,7 @@ def workers(tmp_path: Path) -> Iterator[list[WorkerProcess]]:
     for process in started:
         if process.alive():
             process.process.kill()
+            process.process.wait(timeout=10)
 
 
 async def test_two_workers_print_one_report_per_tick(
@@ -312,3 +314,92 @@ async def test_worker_rides_out_a_database_outage(
         assert process.stop() == 0
     finally:
         postgres.remove()
+
+
+async def until(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, f"gave up waiting for {what}"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_report_that_fails_is_logged_and_the_next_one_runs(
+    settings: Settings,
+    fresh_redis: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    postgres = PrivatePostgres()
+    try:
+        await asyncio.to_thread(postgres.start)
+        await asyncio.to_thread(command.upgrade, alembic_config_for(postgres.url()), "head")
+        private = settings.model_copy(update={"DATABASE_URL": postgres.url()})
+        monkeypatch.setattr(worker, "DATABASE_RETRY_SECONDS", 1)  # give up on the database soon
+        jobs = fresh_cron_jobs()
+        report_cron = next(job for job in jobs if job.name == "cron:pet_report")
+        report_cron.timeout_s = 1.5
+        running = create_worker(
+            worker.WorkerSettings,
+            handle_signals=False,
+            poll_delay=0.1,
+            cron_jobs=jobs,
+            redis_settings=worker.redis_settings(private),
+            ctx={"settings": private},
+        )
+        main = asyncio.create_task(running.async_run())
+        printed: list[str] = []
+
+        def reports() -> int:
+            printed.append(capsys.readouterr().out)
+            return "".join(printed).count("==== end of report ====")
+
+        try:
+            await until(lambda: reports() == 1, 20, "the start-up report")
+
+            # A database outage longer than the report's patience: the job fails, logged.
+            await asyncio.to_thread(postgres.stop)
+            await cli.request_report(private)
+            await until(lambda: running.jobs_failed == 1, 20, "the report to fail")
+            await asyncio.to_thread(postgres.start)
+            await cli.request_report(private)
+            await until(lambda: reports() == 2, 20, "the next report")
+
+            # A report that outlives its timeout (the table is locked): cancelled, logged.
+            lock = await asyncpg.connect(postgres.url().replace("+asyncpg", ""))
+            await lock.execute("BEGIN; LOCK TABLE pet IN ACCESS EXCLUSIVE MODE")
+            await running.pool.enqueue_job("cron:pet_report", _job_id="a-tick-that-hangs")
+            await until(lambda: running.jobs_failed == 2, 20, "the report to time out")
+            await lock.close()
+            await running.pool.enqueue_job("cron:pet_report", _job_id="the-next-tick")
+            await until(lambda: reports() == 3, 20, "the report after the timeout")
+        finally:
+            main.cancel()
+            await running.close()
+        failures = [
+            r for r in caplog.records if r.name == "arq.worker" and r.levelno >= logging.ERROR
+        ]
+        assert len(failures) == 2
+        assert "TimeoutError" in failures[1].getMessage()
+        assert any("database unavailable" in r.getMessage() for r in caplog.records)
+    finally:
+        await asyncio.to_thread(postgres.remove)
+
+
+async def test_a_worker_restarted_within_the_minute_does_not_repeat_the_report(
+    settings: Settings, fresh_redis: str, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    if datetime.now(UTC).second > 40:
+        await asyncio.sleep(61 - datetime.now(UTC).second)
+    minute = datetime.now(UTC).replace(second=0, microsecond=0)
+    first = WorkerProcess(tmp_path, worker_env(settings), "first")
+    workers.append(first)
+    first.wait_for_output("==== end of report ====")
+    assert first.stop() == 0
+    second = WorkerProcess(tmp_path, worker_env(settings), "second")
+    workers.append(second)
+    second.wait_for_output("heartbeat ran at", stream="stderr")  # its start-up jobs have run
+    await asyncio.sleep(2)
+    assert datetime.now(UTC).replace(second=0, microsecond=0) == minute, "the test ran too slow"
+    assert second.stdout() == ""
+    assert second.alive()
