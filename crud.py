@@ -20,6 +20,7 @@ from sqlalchemy import (
     Select,
     Table,
     UnaryExpression,
+    bindparam,
     cast,
     exists,
     func,
@@ -28,6 +29,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import select as core_select
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import AddConstraint, DropConstraint
 from sqlmodel import SQLModel, col, delete, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
@@ -46,6 +48,7 @@ from models import (
     MetricValues,
     Pet,
     PetCreate,
+    PetPublic,
     PetQuery,
     PetTypeStats,
     PetUpdate,
@@ -53,11 +56,30 @@ from models import (
     date_id_of,
 )
 
+# Reads run on a session or, for single-statement routes, on a bare connection.
+Executor = AsyncSession | AsyncConnection
 
-async def _run(session: AsyncSession, statement: Executable) -> Result[Any]:
+
+async def _run(
+    db: Executor, statement: Executable, params: dict[str, Any] | None = None
+) -> Result[Any]:
     """Execute a Core statement (SQLModel's `exec` is typed for model queries only)."""
-    result: Result[Any] = await session.exec(statement)  # type: ignore[call-overload]
+    if isinstance(db, AsyncConnection):
+        return await db.execute(statement, params)
+    result: Result[Any] = await db.exec(statement, params=params)  # type: ignore[call-overload]
     return result
+
+
+def _table(model: type[SQLModel]) -> Table:
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    return table
+
+
+PETS = _table(Pet)
+# Pets are read as plain rows validated straight into PetPublic: no ORM objects to build.
+PET_ROWS = core_select(PETS.c.name, PETS.c.pet_type, PETS.c.id, PETS.c.created_at)
+# Built once: the hottest query should not be rebuilt (and its cache key recomputed) per call.
+PET_BY_ID = PET_ROWS.where(PETS.c.id == bindparam("pet_id"))
 
 
 def _pet_filters(query: PetQuery) -> list[ColumnElement[bool]]:
@@ -69,61 +91,64 @@ def _pet_filters(query: PetQuery) -> list[ColumnElement[bool]]:
     return filters
 
 
-async def list_pets(session: AsyncSession, query: PetQuery) -> tuple[Sequence[Pet], int]:
+async def list_pets(db: Executor, query: PetQuery) -> tuple[list[PetPublic], int]:
     """One page of pets matching the query, and how many match in all."""
     filters = _pet_filters(query)
-    column = col(getattr(Pet, query.sort.removeprefix("-")))
+    column = PETS.c[query.sort.removeprefix("-")]
     order = column.desc() if query.sort.startswith("-") else column.asc()
-    page = await session.exec(
-        select(Pet)
-        .where(*filters)
-        .order_by(order, col(Pet.id).asc())
+    page = await _run(
+        db,
+        PET_ROWS.where(*filters)
+        .order_by(order, PETS.c.id.asc())
         .limit(query.limit)
-        .offset(query.offset)
+        .offset(query.offset),
     )
-    total = await session.exec(select(func.count()).select_from(Pet).where(*filters))
-    return page.all(), total.one()
+    pets = [PetPublic.model_validate(row) for row in page.mappings()]
+    total = await _run(db, core_select(func.count()).select_from(PETS).where(*filters))
+    return pets, total.scalar_one()
 
 
 def _not_found(pet_id: int) -> NotFound:
     return NotFound(f"Pet {pet_id} does not exist.")
 
 
-async def get_pet(session: AsyncSession, pet_id: int) -> Pet:
-    pet = await session.get(Pet, pet_id)
-    if pet is None:
+async def get_pet(db: Executor, pet_id: int) -> PetPublic:
+    row = (await _run(db, PET_BY_ID, {"pet_id": pet_id})).mappings().one_or_none()
+    if row is None:
         raise _not_found(pet_id)
-    return pet
+    return PetPublic.model_validate(row)
 
 
-async def create_pet(session: AsyncSession, data: PetCreate) -> Pet:
-    result = await session.exec(insert(Pet).values(**data.model_dump()).returning(Pet))
-    pet: Pet = result.scalar_one()
-    await session.commit()
-    return pet
-
-
-async def _update_pet(session: AsyncSession, pet_id: int, changes: dict[str, Any]) -> Pet:
-    # One UPDATE ... RETURNING: no read-modify-write window for concurrent writers.
-    result = await session.exec(
-        update(Pet)
-        .where(col(Pet.id) == pet_id)
-        .values(**changes)
-        .returning(Pet)
-        .execution_options(synchronize_session=False)
+async def create_pet(session: AsyncSession, data: PetCreate) -> PetPublic:
+    result = await _run(
+        session, insert(PETS).values(**data.model_dump()).returning(*PET_ROWS.selected_columns)
     )
-    pet: Pet | None = result.scalar_one_or_none()
-    if pet is None:
-        raise _not_found(pet_id)
+    pet = PetPublic.model_validate(result.mappings().one())
     await session.commit()
     return pet
 
 
-async def replace_pet(session: AsyncSession, pet_id: int, data: PetCreate) -> Pet:
+async def _update_pet(session: AsyncSession, pet_id: int, changes: dict[str, Any]) -> PetPublic:
+    # One UPDATE ... RETURNING: no read-modify-write window for concurrent writers.
+    result = await _run(
+        session,
+        update(PETS)
+        .where(PETS.c.id == pet_id)
+        .values(**changes)
+        .returning(*PET_ROWS.selected_columns),
+    )
+    row = result.mappings().one_or_none()
+    if row is None:
+        raise _not_found(pet_id)
+    await session.commit()
+    return PetPublic.model_validate(row)
+
+
+async def replace_pet(session: AsyncSession, pet_id: int, data: PetCreate) -> PetPublic:
     return await _update_pet(session, pet_id, data.model_dump())
 
 
-async def patch_pet(session: AsyncSession, pet_id: int, data: PetUpdate) -> Pet:
+async def patch_pet(session: AsyncSession, pet_id: int, data: PetUpdate) -> PetPublic:
     changes = data.model_dump(exclude_unset=True)
     if not changes:
         return await get_pet(session, pet_id)
@@ -167,9 +192,9 @@ async def stream_pets(session: AsyncSession) -> AsyncIterator[PetRow]:
         yield row
 
 
-async def ping(session: AsyncSession) -> None:
+async def ping(db: Executor) -> None:
     """A round trip to the database; raises when it cannot be reached."""
-    await _run(session, text("SELECT 1"))
+    await _run(db, text("SELECT 1"))
 
 
 async def get_user(session: AsyncSession, user_id: int) -> User | None:
@@ -199,21 +224,16 @@ async def add_user_if_missing(
 # --- ad metrics --------------------------------------------------------------------------------
 
 
-def _table(model: type[SQLModel]) -> Table:
-    table: Table = model.__table__  # type: ignore[attr-defined]
-    return table
-
-
 FACT = _table(FactAdMetricsDaily)
 DAYS = _table(DimDate)
 
 
-async def dimension_values(session: AsyncSession, dimension: Dimension) -> list[tuple[int, str]]:
+async def dimension_values(db: Executor, dimension: Dimension) -> list[tuple[int, str]]:
     """Every (id, name) of a dimension, by name."""
     table = _table(dimension.table)
     name = table.c[dimension.name_column]
     statement = core_select(table.c[dimension.id_column].label("id"), name.label("name"))
-    result = await _run(session, statement.order_by(name))
+    result = await _run(db, statement.order_by(name))
     return [(row["id"], row["name"]) for row in result.mappings()]
 
 
@@ -235,10 +255,8 @@ class NameCache:
     entries: dict[str, DimensionNames] = field(default_factory=dict)
 
 
-async def _load_names(
-    session: AsyncSession, cache: NameCache, dimension: Dimension
-) -> DimensionNames:
-    rows = await dimension_values(session, dimension)
+async def _load_names(db: Executor, cache: NameCache, dimension: Dimension) -> DimensionNames:
+    rows = await dimension_values(db, dimension)
     ids_by_key: dict[str, list[int]] = {}
     for row_id, name in rows:
         ids_by_key.setdefault(name.casefold(), []).append(row_id)
@@ -248,14 +266,14 @@ async def _load_names(
 
 
 async def resolve_names(
-    session: AsyncSession, cache: NameCache, dimension: Dimension, names: Iterable[str]
+    db: Executor, cache: NameCache, dimension: Dimension, names: Iterable[str]
 ) -> tuple[list[int], list[str], list[str]]:
     """The ids of `names`, the names that do not exist, and every known name."""
     wanted = list(names)
     entry = cache.entries.get(dimension.name)
     stale = entry is None or time.monotonic() - entry.loaded_at > cache.max_age
     if entry is None or stale or any(n.casefold() not in entry.ids_by_key for n in wanted):
-        entry = await _load_names(session, cache, dimension)
+        entry = await _load_names(db, cache, dimension)
     ids = [i for name in wanted for i in entry.ids_by_key.get(name.casefold(), [])]
     unknown = [name for name in wanted if name.casefold() not in entry.ids_by_key]
     return sorted(set(ids)), unknown, entry.names
@@ -368,8 +386,8 @@ def _metrics_order(plan: MetricsPlan, grouped: CTE) -> list[UnaryExpression[Any]
     return order + [grouped.c[g].asc() for g in default if g != (plan.sort or "").lstrip("-")]
 
 
-async def query_metrics(session: AsyncSession, plan: MetricsPlan) -> MetricsPage:
-    result = await _run(session, _metrics_statement(plan))
+async def query_metrics(db: Executor, plan: MetricsPlan) -> MetricsPage:
+    result = await _run(db, _metrics_statement(plan))
     records = result.mappings().all()
     first = records[0]
     totals = MetricValues.model_validate({m: first[f"total_{m}"] for m in METRICS})

@@ -1,10 +1,18 @@
-"""The async engine, the session factory and the per-request session dependency."""
+"""The async engine, the session factory, and the per-request session and connection
+dependencies."""
 
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy import event
+from sqlalchemy.exc import DisconnectionError
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from settings import Settings
@@ -20,13 +28,11 @@ def create_engine(
     """The service's engine; bulk commands pass statement_timeout_ms=0 (no limit)."""
     if statement_timeout_ms is None:
         statement_timeout_ms = settings.DB_STATEMENT_TIMEOUT_MS
-    return create_async_engine(
+    engine = create_async_engine(
         settings.DATABASE_URL,
         pool_size=settings.DB_POOL_SIZE,
         max_overflow=settings.DB_MAX_OVERFLOW,
         pool_timeout=settings.DB_POOL_TIMEOUT,
-        # A connection dropped by a database restart is replaced instead of failing a request.
-        pool_pre_ping=True,
         connect_args={
             "timeout": settings.DB_CONNECT_TIMEOUT,
             "server_settings": {
@@ -35,6 +41,17 @@ def create_engine(
             },
         },
     )
+    event.listen(engine.sync_engine, "checkout", _replace_if_closed)
+    return engine
+
+
+def _replace_if_closed(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+    """A pooled connection the server has closed (a restart, an idle timeout) is replaced at
+    checkout, so the next request does not fail on it. asyncpg learns of the close from the
+    socket, so this costs no round trip, unlike `pool_pre_ping` (which cost a third of the time
+    of a request by id)."""
+    if dbapi_connection.driver_connection.is_closed():
+        raise DisconnectionError("the server closed this connection")
 
 
 def create_sessionmaker(engine: AsyncEngine) -> SessionMaker:
@@ -48,3 +65,18 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
+
+
+def autocommit(engine: AsyncEngine) -> AsyncEngine:
+    """The same pool for routes that read with one statement: no BEGIN and ROLLBACK round trips
+    around it, and no ORM session to build."""
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
+    engine: AsyncEngine = request.app.state.read_engine
+    async with engine.connect() as connection:
+        yield connection
+
+
+ConnectionDep = Annotated[AsyncConnection, Depends(get_connection)]

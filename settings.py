@@ -29,8 +29,8 @@ class Settings(BaseSettings):
     ADMIN_USERNAME: str = Field(default="admin", min_length=1, max_length=64)
     ADMIN_PASSWORD: SecretStr = SecretStr(PLACEHOLDER_ADMIN_PASSWORD)
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    DB_POOL_SIZE: int = Field(default=10, ge=1)
-    DB_MAX_OVERFLOW: int = Field(default=10, ge=0)
+    DB_POOL_SIZE: int = Field(default=20, ge=1)
+    DB_MAX_OVERFLOW: int = Field(default=5, ge=0)
     # Seconds a request waits for a pooled connection before it is answered 503.
     DB_POOL_TIMEOUT: float = Field(default=5.0, gt=0)
     DB_CONNECT_TIMEOUT: float = Field(default=5.0, gt=0)

@@ -65,7 +65,7 @@ async def test_outage_is_503_and_the_first_request_after_it_succeeds(
             assert "database" in assert_unavailable(await client.get("/ready"))
             assert (await client.get("/health")).status_code == 200
             await asyncio.to_thread(running.start)
-            # The pooled connection died with the server; pre-ping replaces it unseen.
+            # The pooled connection died with the server; checkout replaces it unseen.
             assert (await client.get("/pets")).status_code == 200
             assert (await client.get("/ready")).status_code == 200
 
@@ -76,7 +76,7 @@ async def test_a_restart_between_requests_is_invisible(running: PrivatePostgres)
             assert (await client.get("/pets")).status_code == 200
             await asyncio.to_thread(running.stop)
             await asyncio.to_thread(running.start)
-            # The pooled connection is stale now: the pool's pre-ping finds and replaces it.
+            # The pooled connection is stale now: checkout sees it closed and replaces it.
             assert (await client.get("/pets")).status_code == 200
 
 
