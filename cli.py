@@ -158,6 +158,7 @@ async def seed_metrics(
 
     async with crud.foreign_keys_checked_once(session):
         await crud.copy_rows(session, "fact_ad_metrics_daily", FACT_COLUMNS, lines())
+    await crud.refresh_rollups(session, date_id_of(first), date_id_of(end))
     await crud.after_bulk_load(session)
     await session.commit()
     progress.finish()
@@ -200,6 +201,9 @@ def load_metrics(settings: Settings, path: Path) -> int:
         except InvalidParameters as error:
             listing = "\n".join(f"line {loc[1]}: {msg}" for loc, msg in error.items)
             return fail(f"{path} was not loaded; nothing was written:\n{listing}")
+        if check.dates:
+            first, last = date_id_of(min(check.dates)), date_id_of(max(check.dates))
+            await crud.refresh_rollups(session, first, last)
         await crud.after_bulk_load(session)
         await session.commit()
         progress.finish()

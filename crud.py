@@ -39,6 +39,7 @@ from models import (
     DIMENSIONS,
     MEASURES,
     METRICS,
+    ROLLUPS,
     TIME_GROUPS,
     DimDate,
     Dimension,
@@ -290,6 +291,18 @@ class MetricsPlan:
     sort: str | None
     limit: int
     offset: int
+    # False answers from the fact table whatever the question (to check the rollups against).
+    use_rollups: bool = True
+
+
+def metrics_source(plan: MetricsPlan) -> Table:
+    """The smallest table that holds every dimension the question filters or groups by."""
+    needed = set(plan.filters) | {group for group in plan.group_by if group in DIMENSIONS}
+    if plan.use_rollups:
+        for rollup in ROLLUPS:
+            if needed <= rollup.dimensions:
+                return _table(rollup.table)
+    return FACT
 
 
 def _ratios(sums: Mapping[str, ColumnElement[Any]], prefix: str = "") -> list[Label[Any]]:
@@ -311,17 +324,18 @@ def _ratios(sums: Mapping[str, ColumnElement[Any]], prefix: str = "") -> list[La
 def _metrics_statement(plan: MetricsPlan) -> Select[Any]:
     """One statement: the page of groups, and on every row the totals and the number of groups.
 
-    The fact rows are summed on their ids first (filtered by a date_id range, which the primary
-    key's date-led index serves); only the grouped result is joined to the small dimension
+    The facts (or a rollup of them) are summed on their ids first, filtered by a date_id range
+    (which the date-led indexes serve); only the grouped result is joined to the small dimension
     tables for names and calendar buckets, then summed again by those."""
+    facts = metrics_source(plan)
     time_grouped = any(group in TIME_GROUPS for group in plan.group_by)
     dimensions = [DIMENSIONS[group] for group in plan.group_by if group in DIMENSIONS]
-    keys = ([FACT.c.date_id] if time_grouped else []) + [FACT.c[d.id_column] for d in dimensions]
-    conditions = [FACT.c.date_id.between(plan.start_id, plan.end_id)] + [
-        FACT.c[DIMENSIONS[name].id_column].in_(ids) for name, ids in plan.filters.items()
+    keys = ([facts.c.date_id] if time_grouped else []) + [facts.c[d.id_column] for d in dimensions]
+    conditions = [facts.c.date_id.between(plan.start_id, plan.end_id)] + [
+        facts.c[DIMENSIONS[name].id_column].in_(ids) for name, ids in plan.filters.items()
     ]
     by_ids = (
-        core_select(*keys, *(func.sum(FACT.c[m]).label(m) for m in MEASURES))
+        core_select(*keys, *(func.sum(facts.c[m]).label(m) for m in MEASURES))
         .where(*conditions)
         .group_by(*keys)
         .cte("by_ids")
@@ -469,10 +483,31 @@ async def foreign_keys_checked_once(session: AsyncSession) -> AsyncIterator[None
 async def after_bulk_load(session: AsyncSession) -> None:
     """Fresh planner statistics, and BRIN summaries for the pages just written (until then a
     date range query reads those pages whatever their dates)."""
-    await _run(session, text("ANALYZE fact_ad_metrics_daily"))
+    for table in (FACT, *(_table(rollup.table) for rollup in ROLLUPS)):
+        await _run(session, text(f"ANALYZE {table.name}"))
     await _run(
         session, text("SELECT brin_summarize_new_values('ix_fact_ad_metrics_daily_date_id_brin')")
     )
+
+
+async def refresh_rollups(session: AsyncSession, first_id: int, last_id: int) -> None:
+    """Sum the facts of a date_id range into every rollup again, replacing those days' rows."""
+    days = FACT.c.date_id.between(first_id, last_id)
+    for rollup in ROLLUPS:
+        table = _table(rollup.table)
+        keys = [
+            FACT.c.date_id,
+            *(FACT.c[DIMENSIONS[d].id_column] for d in sorted(rollup.dimensions)),
+        ]
+        sums = [func.sum(FACT.c[m]) for m in MEASURES]
+        await _run(session, table.delete().where(table.c.date_id.between(first_id, last_id)))
+        await _run(
+            session,
+            table.insert().from_select(
+                [key.name for key in keys] + list(MEASURES),
+                core_select(*keys, *sums).where(days).group_by(*keys),
+            ),
+        )
 
 
 async def copy_rows(

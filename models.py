@@ -292,6 +292,47 @@ class FactAdMetricsDaily(SQLModel, table=True):
     likes: int = Field(sa_type=BigInteger)
 
 
+# Rollups: the fact's measures summed per day over fewer dimensions, for questions over wide
+# date ranges. crud answers from the smallest one that has every dimension a question filters or
+# groups by; seed-metrics and load-metrics refresh the days they write, in their transaction.
+class RollupDailyPlatform(SQLModel, table=True):
+    __tablename__ = "rollup_daily_platform"
+    date_id: int = Field(foreign_key="dim_date.date_id", primary_key=True)
+    platform_id: int = Field(foreign_key="dim_platform.platform_id", primary_key=True)
+    impressions: Decimal = Field(max_digits=38, decimal_places=0)
+    clicks: Decimal = Field(max_digits=38, decimal_places=0)
+    cost: Decimal = Field(max_digits=38, decimal_places=2)
+    conversions: Decimal = Field(max_digits=38, decimal_places=0)
+    likes: Decimal = Field(max_digits=38, decimal_places=0)
+
+
+class RollupDailyRegionDevice(SQLModel, table=True):
+    __tablename__ = "rollup_daily_region_device"
+    date_id: int = Field(foreign_key="dim_date.date_id", primary_key=True)
+    region_id: int = Field(foreign_key="dim_region.region_id", primary_key=True)
+    device_type_id: int = Field(foreign_key="dim_device_type.device_type_id", primary_key=True)
+    impressions: Decimal = Field(max_digits=38, decimal_places=0)
+    clicks: Decimal = Field(max_digits=38, decimal_places=0)
+    cost: Decimal = Field(max_digits=38, decimal_places=2)
+    conversions: Decimal = Field(max_digits=38, decimal_places=0)
+    likes: Decimal = Field(max_digits=38, decimal_places=0)
+
+
+@dataclass(frozen=True)
+class Rollup:
+    """A rollup table and the dimensions it keeps (besides the day)."""
+
+    table: type[SQLModel]
+    dimensions: frozenset[str]
+
+
+# Smallest first: the first that covers a question answers it.
+ROLLUPS = (
+    Rollup(RollupDailyPlatform, frozenset({"platform"})),
+    Rollup(RollupDailyRegionDevice, frozenset({"region", "device_type"})),
+)
+
+
 @dataclass(frozen=True)
 class Dimension:
     """A filterable, groupable dimension: its public name and where it lives."""

@@ -121,6 +121,7 @@ async def star(app: FastAPI, session: AsyncSession) -> AsyncIterator[None]:
                 " :impressions, :clicks, :cost, :conversions, :likes"
             ).bindparams(**f)
         )
+    await crud.refresh_rollups(session, 20261030, 20261110)  # as the loaders do
     await session.commit()
     app.state.dimension_names = crud.NameCache()
     app.dependency_overrides[utc_today] = lambda: TODAY
@@ -129,7 +130,8 @@ async def star(app: FastAPI, session: AsyncSession) -> AsyncIterator[None]:
 
 
 async def clear_metrics(session: AsyncSession) -> None:
-    tables = ", ".join(["fact_ad_metrics_daily", "dim_date", *DIMENSION_VALUES])
+    rollups = ["rollup_daily_platform", "rollup_daily_region_device"]
+    tables = ", ".join(["fact_ad_metrics_daily", *rollups, "dim_date", *DIMENSION_VALUES])
     await session.exec(text(f"TRUNCATE {tables} RESTART IDENTITY"))  # type: ignore[call-overload]
     await session.commit()
 

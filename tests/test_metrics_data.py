@@ -1,6 +1,7 @@
 """seed-metrics and load-metrics: deterministic, idempotent, all-or-nothing; and on seeded data,
 every /metrics answer equals the same sums worked out directly in SQL."""
 
+import dataclasses
 from collections.abc import AsyncIterator
 from datetime import date
 from decimal import Decimal
@@ -16,6 +17,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 import crud
 from main import utc_today
 from metrics_data import COMBINATIONS, DEMO_VALUES
+from models import DIMENSIONS
 from settings import Settings
 from tests.conftest import run_cli
 from tests.test_metrics import clear_metrics, metrics
@@ -312,3 +314,80 @@ async def test_a_file_without_the_right_header_is_rejected(
     assert result.returncode == 1
     assert "line 1: the header must be" in result.stderr
     assert (await checksum(session))["facts"] == 0
+
+
+# --- rollups -------------------------------------------------------------------------------------
+
+ROLLUP_FILTERS = [
+    {},
+    {"platform": ["Instagram"]},
+    {"region": ["Germany", "France"], "device_type": ["mobile"]},
+]
+
+
+@pytest.mark.parametrize(
+    "group_by",
+    [[], ["date"], ["week"], ["month"], *([name] for name in DEMO_VALUES), ["month", "platform"],
+     ["date", "region", "device_type"], ["week", "device_type"], ["platform", "gender"]],
+)  # fmt: skip
+@pytest.mark.parametrize("filters", ROLLUP_FILTERS)
+@pytest.mark.usefixtures("seeded")
+async def test_rollup_answers_equal_fact_answers(
+    app: FastAPI, group_by: list[str], filters: dict[str, list[str]]
+) -> None:
+    async with app.state.read_engine.connect() as db:
+        ids = {}
+        for name, values in filters.items():
+            found, unknown, _ = await crud.resolve_names(
+                db, crud.NameCache(), DIMENSIONS[name], values
+            )
+            assert not unknown
+            ids[name] = found
+        plan = crud.MetricsPlan(20261022, 20261110, ids, tuple(group_by), None, 1000, 0)
+        from_facts = await crud.query_metrics(db, dataclasses.replace(plan, use_rollups=False))
+        answer = await crud.query_metrics(db, plan)
+    assert answer == from_facts
+    assert from_facts.total_rows > 0
+
+
+@pytest.mark.parametrize(
+    ("group_by", "filters", "table"),
+    [
+        ((), {}, "rollup_daily_platform"),
+        (("month", "platform"), {}, "rollup_daily_platform"),
+        (("week",), {"platform": [1]}, "rollup_daily_platform"),
+        (("region",), {"device_type": [1]}, "rollup_daily_region_device"),
+        (("date", "device_type"), {}, "rollup_daily_region_device"),
+        (("platform", "region"), {}, "fact_ad_metrics_daily"),
+        (("gender",), {}, "fact_ad_metrics_daily"),
+        ((), {"placement": [1]}, "fact_ad_metrics_daily"),
+    ],
+)
+def test_the_smallest_covering_table_answers(
+    group_by: tuple[str, ...], filters: dict[str, list[int]], table: str
+) -> None:
+    plan = crud.MetricsPlan(20260101, 20261231, filters, group_by, None, 100, 0)
+    assert crud.metrics_source(plan).name == table
+    assert (
+        crud.metrics_source(dataclasses.replace(plan, use_rollups=False)).name
+        == "fact_ad_metrics_daily"
+    )
+
+
+@pytest.mark.usefixtures("empty_metrics")
+async def test_loads_keep_the_rollups_in_step(
+    settings: Settings, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    cli_ok(settings, *SEED_ARGS)
+    before = (
+        await client.get("/metrics", params={"preset": "last_7d", "group_by": "platform"})
+    ).json()
+    line = "2026-11-10,Atlantis,18-24,female,facebook,feed,mobile,100000,10,1.50,1,2"
+    cli_ok(settings, "load-metrics", str(write_csv(tmp_path, line)))
+    after = (
+        await client.get("/metrics", params={"preset": "last_7d", "group_by": "platform"})
+    ).json()
+    facebook = next(row["impressions"] for row in before["rows"] if row["platform"] == "facebook")
+    assert [row["impressions"] for row in after["rows"] if row["platform"] == "facebook"] == [
+        facebook + 100000
+    ]
