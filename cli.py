@@ -24,6 +24,7 @@ from metrics_data import (
     DEMO_VALUES,
     FACT_COLUMNS,
     check_metrics_csv,
+    demo_combinations,
     demo_day,
     read_metrics_csv,
     staging_line,
@@ -145,6 +146,7 @@ async def seed_metrics(
     for name, values in DEMO_VALUES.items():
         by_name = await crud.ensure_dimension_values(session, DIMENSIONS[name], values)
         ids[name] = [by_name[value.casefold()] for value in values]
+    combinations = demo_combinations(ids)
     first = end - timedelta(days=days - 1)
     all_days = [first + timedelta(days=offset) for offset in range(days)]
     await crud.ensure_dates(session, all_days)
@@ -153,7 +155,7 @@ async def seed_metrics(
 
     async def lines() -> AsyncIterator[bytes]:
         for day in all_days:
-            yield demo_day(day, rows_per_day, seed, ids).encode()
+            yield demo_day(day, rows_per_day, seed, combinations).encode()
             progress.advance(rows_per_day)
 
     async with crud.foreign_keys_checked_once(session):

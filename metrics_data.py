@@ -5,6 +5,7 @@ import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
+from itertools import product
 from math import prod
 
 from pydantic import ValidationError
@@ -57,40 +58,53 @@ assert list(DEMO_VALUES) == list(DIMENSIONS), "the demo axes follow the fact's k
 
 
 @dataclass(frozen=True)
-class _Axis:
-    """One dimension of the demo: its ids (in DEMO_VALUES order) and weights."""
+class Combination:
+    """One combination of demo dimension values: its fact key columns and its traits."""
 
-    ids: list[int]
-    weights: list[float]
+    keys: str  # "region_id,age_id,gender_id,platform_id,placement_id,device_type_id"
+    weight: float
+    click_rate: float
+    like_rate: float
+    cpm: float
 
 
-def demo_day(day: date, rows: int, seed: int, ids: dict[str, list[int]]) -> str:
+def demo_combinations(ids: dict[str, list[int]]) -> list[Combination]:
+    """Every combination, in the order of its index (the last dimension varies fastest), worked
+    out once per run so that generating a row is a lookup and a few random draws."""
+    axes = [list(zip(ids[name], DEMO_VALUES[name].items(), strict=True)) for name in DEMO_VALUES]
+    combinations = []
+    for picks in product(*axes):
+        (_, (platform, _)), (_, (placement, _)) = picks[PLATFORM_AXIS], picks[PLACEMENT_AXIS]
+        combinations.append(
+            Combination(
+                keys=",".join(str(row_id) for row_id, _ in picks),
+                weight=prod(weight for _, (_, weight) in picks),
+                click_rate=PLACEMENT_CTR[placement],
+                like_rate=PLATFORM_LIKE_RATE[platform],
+                cpm=PLATFORM_CPM[platform],
+            )
+        )
+    return combinations
+
+
+def demo_day(day: date, rows: int, seed: int, combinations: list[Combination]) -> str:
     """CSV lines (FACT_COLUMNS) of one day: `rows` distinct combinations, the same for the same
     day, size and seed. Clicks never exceed impressions, nor conversions clicks."""
     rng = random.Random(f"{seed}:{day.isoformat()}")  # noqa: S311 - reproducible, not secret
-    axes = [_Axis(ids[name], list(DEMO_VALUES[name].values())) for name in DEMO_VALUES]
-    platforms = list(DEMO_VALUES["platform"])
-    placements = list(DEMO_VALUES["placement"])
     weekday_factor = 0.85 if day.weekday() >= 5 else 1.0
     date_id = date_id_of(day)
     lines = []
-    for combination in sorted(rng.sample(range(COMBINATIONS), rows)):
-        picks = []
-        for axis in reversed(axes):
-            combination, index = divmod(combination, len(axis.ids))
-            picks.append(index)
-        picks.reverse()
-        weight = weekday_factor * prod(axis.weights[i] for axis, i in zip(axes, picks, strict=True))
-        platform, placement = platforms[picks[PLATFORM_AXIS]], placements[picks[PLACEMENT_AXIS]]
+    for index in sorted(rng.sample(range(COMBINATIONS), rows)):
+        combination = combinations[index]
+        weight = weekday_factor * combination.weight
         impressions = int(BASE_IMPRESSIONS * weight * rng.lognormvariate(0, 0.6)) + 1
-        clicks = int(impressions * PLACEMENT_CTR[placement] * rng.uniform(0.5, 1.5))
+        clicks = int(impressions * combination.click_rate * rng.uniform(0.5, 1.5))
         conversions = int(clicks * rng.uniform(0.01, 0.12))
-        likes = int(impressions * PLATFORM_LIKE_RATE[platform] * rng.random())
-        cents = int(impressions * PLATFORM_CPM[platform] * rng.uniform(0.7, 1.3) / 10)
-        keys = ",".join(str(axis.ids[i]) for axis, i in zip(axes, picks, strict=True))
+        likes = int(impressions * combination.like_rate * rng.random())
+        cents = int(impressions * combination.cpm * rng.uniform(0.7, 1.3) / 10)
         lines.append(
-            f"{date_id},{keys},{impressions},{clicks},{cents // 100}.{cents % 100:02d},"
-            f"{conversions},{likes}\n"
+            f"{date_id},{combination.keys},{impressions},{clicks},"
+            f"{cents // 100}.{cents % 100:02d},{conversions},{likes}\n"
         )
     return "".join(lines)
 
