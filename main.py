@@ -120,6 +120,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.settings = settings
     configure_logging(settings.LOG_LEVEL)
     engine = create_engine(settings)
+    app.state.engine = engine
     app.state.sessionmaker = create_sessionmaker(engine)
     app.state.read_engine = autocommit(engine)
     app.state.dimension_names = crud.NameCache()

@@ -21,6 +21,7 @@ from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import crud
 from db import SessionMaker, create_engine, create_sessionmaker
@@ -91,7 +92,6 @@ def load_report_template() -> Template:
         loader=FileSystemLoader(TEMPLATES),
         autoescape=False,  # noqa: S701 - plain text for a terminal: nothing to escape
         undefined=StrictUndefined,
-        enable_async=True,
         trim_blocks=True,
         lstrip_blocks=True,
         keep_trailing_newline=True,
@@ -112,25 +112,28 @@ def report_context(stats: list[PetTypeStats], now: datetime) -> dict[str, Any]:
     }
 
 
-async def write_report(
-    sessionmaker: SessionMaker, template: Template, out: TextIO, now: datetime
-) -> int:
+async def write_report(engine: AsyncEngine, template: Template, out: TextIO, now: datetime) -> int:
     """Render the report to `out`, streaming the pets; returns how many it listed."""
-    async with sessionmaker() as session:
-        # One read-only snapshot, so the counts at the top agree with the lines below them.
-        await session.connection(
-            execution_options={"isolation_level": "REPEATABLE READ", "postgresql_readonly": True}
+    # One read-only snapshot, so the counts at the top agree with the lines below them.
+    async with engine.connect() as connection:
+        await connection.execution_options(
+            isolation_level="REPEATABLE READ", postgresql_readonly=True
         )
-        context = report_context(await crud.pet_type_stats(session), now)
+        await connection.begin()
+        report = report_context(await crud.pet_type_stats(connection), now)
+        # Jinja renders synchronously, a batch at a time: an async template would await each row.
+        parts = template.module
         try:
-            async for chunk in template.generate_async(pets=crud.stream_pets(session), **context):
-                out.write(chunk)
+            out.write(parts.head(report))  # type: ignore[attr-defined]
+            async for batch in crud.stream_pet_batches(connection):
+                out.write(parts.pets(batch, report))  # type: ignore[attr-defined]
+            out.write(parts.foot(report))  # type: ignore[attr-defined]
         except BaseException:
             out.write("\n==== report interrupted ====\n")
             raise
         finally:
             out.flush()
-    total: int = context["total"]
+    total: int = report["total"]
     return total
 
 
@@ -164,7 +167,7 @@ async def pet_report(ctx: dict[str, Any]) -> int:
     """Print the pet report to STDOUT; returns how many pets it listed."""
     sessionmaker: SessionMaker = ctx["sessionmaker"]
     await wait_for_database(sessionmaker, DATABASE_RETRY_SECONDS)
-    return await write_report(sessionmaker, ctx["report_template"], sys.stdout, datetime.now(UTC))
+    return await write_report(ctx["engine"], ctx["report_template"], sys.stdout, datetime.now(UTC))
 
 
 async def heartbeat(ctx: dict[str, Any]) -> str:

@@ -66,7 +66,7 @@ No pets in the directory yet.
 
 async def render(app: FastAPI) -> str:
     out = io.StringIO()
-    await worker.write_report(app.state.sessionmaker, worker.load_report_template(), out, NOW)
+    await worker.write_report(app.state.engine, worker.load_report_template(), out, NOW)
     return out.getvalue()
 
 
