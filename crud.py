@@ -14,6 +14,7 @@ from sqlalchemy import (
     Date,
     Executable,
     FromClause,
+    Integer,
     Label,
     Numeric,
     Result,
@@ -364,7 +365,9 @@ def _metrics_statement(shape: _MetricsShape) -> Select[Any]:
     dimensions = [DIMENSIONS[group] for group in shape.group_by if group in DIMENSIONS]
     keys = ([facts.c.date_id] if time_grouped else []) + [facts.c[d.id_column] for d in dimensions]
     conditions = [facts.c.date_id.between(bindparam("start_id"), bindparam("end_id"))] + [
-        facts.c[DIMENSIONS[name].id_column].in_(bindparam(f"{name}_ids", expanding=True))
+        facts.c[DIMENSIONS[name].id_column].in_(
+            bindparam(f"{name}_ids", expanding=True, type_=Integer)
+        )
         for name in shape.filters
     ]
     by_ids = (
@@ -404,8 +407,8 @@ def _metrics_statement(shape: _MetricsShape) -> Select[Any]:
     page = (
         core_select(grouped, func.row_number().over(order_by=order).label("position"))
         .order_by(*order)
-        .limit(bindparam("limit"))
-        .offset(bindparam("offset"))
+        .limit(bindparam("limit", type_=Integer))
+        .offset(bindparam("offset", type_=Integer))
         .cte("page")
     )
     total_sums = {m: func.coalesce(func.sum(grouped.c[m]), 0) for m in MEASURES}

@@ -214,8 +214,16 @@ def report_run(kind: str, url: str) -> dict[str, float]:
     return result
 
 
+class Results(list[Result]):
+    """Results, each also shown on STDERR as soon as it is measured."""
+
+    def append(self, result: Result) -> None:
+        print(f"  {result.scenario}: {result.app} vs {result.baseline}", file=sys.stderr)
+        super().append(result)
+
+
 def run(args: argparse.Namespace) -> list[Result]:
-    results: list[Result] = []
+    results = Results()
     days, per_day = (365, 2000) if args.quick else (365, args.facts // 365)
     rounds, seconds = args.rounds, (3 if args.quick else 8)
     with scratch_database() as url:
