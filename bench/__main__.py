@@ -24,6 +24,7 @@ from pathlib import Path
 import asyncpg
 import httpx
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql import asyncpg as asyncpg_dialect
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -178,14 +179,27 @@ async def _ids(url: str, table: str, id_column: str, name_column: str, name: str
         await connection.close()
 
 
-async def sql_ms(url: str, sql: str, times: int) -> float:
-    connection = await asyncpg.connect(url)
+# The service's connection settings, so the SQL runs under the same conditions.
+SERVER_SETTINGS = {"jit": "off"}
+
+
+def metrics_query(plan: crud.MetricsPlan) -> tuple[str, list[object]]:
+    """The service's statement for `plan` as asyncpg runs it: SQL with $n and its values."""
+    statement, values = crud.metrics_statement(plan)
+    compiled = statement.compile(dialect=asyncpg_dialect.dialect())  # type: ignore[no-untyped-call]
+    expanded = compiled.construct_expanded_state(values)
+    return expanded.statement, list(expanded.positional_parameters)
+
+
+async def sql_ms(url: str, query: tuple[str, list[object]], times: int) -> float:
+    sql, parameters = query
+    connection = await asyncpg.connect(url, server_settings=SERVER_SETTINGS)
     try:
-        await connection.fetch(sql)
+        await connection.fetch(sql, *parameters)
         samples = []
         for _ in range(times):
             started = time.perf_counter()
-            await connection.fetch(sql)
+            await connection.fetch(sql, *parameters)
             samples.append((time.perf_counter() - started) * 1000)
         return median(samples)
     finally:
@@ -193,7 +207,7 @@ async def sql_ms(url: str, sql: str, times: int) -> float:
 
 
 async def explain(url: str, sql: str) -> str:
-    connection = await asyncpg.connect(url)
+    connection = await asyncpg.connect(url, server_settings=SERVER_SETTINGS)
     try:
         rows = await connection.fetch(f"EXPLAIN (ANALYZE, BUFFERS) {sql}")
         return "\n".join(row[0] for row in rows)
@@ -282,7 +296,7 @@ def run(args: argparse.Namespace) -> list[Result]:
             app_ms, raw_ms = [], []
             for _ in range(rounds):
                 app_ms.append(latency_ms(get(client, query), times))
-                raw_ms.append(asyncio.run(sql_ms(url, metrics_sql(narrow), times)))
+                raw_ms.append(asyncio.run(sql_ms(url, metrics_query(narrow), times)))
             app_median, raw_median = median(app_ms), median(raw_ms)
             results.append(
                 Result(
@@ -303,8 +317,8 @@ def run(args: argparse.Namespace) -> list[Result]:
                 app_wide = median(
                     [latency_ms(get(client, wide_query), times) for _ in range(rounds)]
                 )
-                scan_sql = metrics_sql(dataclasses.replace(wide, use_rollups=False))
-                raw_scan = asyncio.run(sql_ms(url, scan_sql, 1))
+                scan = metrics_query(dataclasses.replace(wide, use_rollups=False))
+                raw_scan = asyncio.run(sql_ms(url, scan, 1))
                 results.append(
                     Result(
                         f"GET /metrics whole range by {group} (ms)",
