@@ -4,9 +4,7 @@ import argparse
 import asyncio
 import getpass
 import sys
-from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ProcessPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import TextIO, TypeVar
@@ -25,7 +23,6 @@ from metrics_data import (
     COMBINATIONS,
     DEMO_VALUES,
     FACT_COLUMNS,
-    Combination,
     check_metrics_csv,
     demo_combinations,
     demo_day,
@@ -138,20 +135,6 @@ class Progress:
         self.stream.write(f"{start}{self.what}: {self.done:,} rows\n")
 
 
-# How many days the generating process may run ahead of the load (bounds memory).
-DAYS_AHEAD = 4
-_combinations: list[Combination] = []
-
-
-def _set_combinations(combinations: list[Combination]) -> None:
-    """In the generating process: the combinations, sent once rather than with every day."""
-    _combinations[:] = combinations
-
-
-def _demo_day_bytes(day: date, rows: int, seed: int) -> bytes:
-    return demo_day(day, rows, seed, _combinations).encode()
-
-
 async def seed_metrics(
     session: AsyncSession, days: int, rows_per_day: int, seed: int, end: date, if_empty: bool
 ) -> int:
@@ -171,24 +154,9 @@ async def seed_metrics(
     progress = Progress("seed-metrics", days * rows_per_day)
 
     async def lines() -> AsyncIterator[bytes]:
-        # Rows are generated in a second process, a few days ahead, while this one streams the
-        # finished days to COPY: generating and loading overlap instead of taking turns.
-        loop = asyncio.get_running_loop()
-        with ProcessPoolExecutor(
-            1, initializer=_set_combinations, initargs=(combinations,)
-        ) as pool:
-            pending = deque(
-                loop.run_in_executor(pool, _demo_day_bytes, day, rows_per_day, seed)
-                for day in all_days[:DAYS_AHEAD]
-            )
-            for upcoming in all_days[DAYS_AHEAD:] + [None] * DAYS_AHEAD:
-                chunk = await pending.popleft()
-                if upcoming is not None:
-                    pending.append(
-                        loop.run_in_executor(pool, _demo_day_bytes, upcoming, rows_per_day, seed)
-                    )
-                yield chunk
-                progress.advance(rows_per_day)
+        for day in all_days:
+            yield demo_day(day, rows_per_day, seed, combinations).encode()
+            progress.advance(rows_per_day)
 
     async with crud.foreign_keys_checked_once(session):
         await crud.copy_rows(session, "fact_ad_metrics_daily", FACT_COLUMNS, lines())
