@@ -7,6 +7,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 
 import asyncpg
 import httpx
@@ -130,17 +131,23 @@ def database_url_for(name: str) -> str:
     return url.render_as_string(hide_password=False)
 
 
+@contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A new, empty database with a random name (its URL), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
+    try:
+        yield database_url_for(name)
+    finally:
+        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A database made for this run, migrated to head by Alembic, dropped afterwards."""
-    name = f"test_pets_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
-    url = database_url_for(name)
-    try:
+    with scratch_database("test_pets") as url:
         command.upgrade(alembic_config_for(url), "head")
         yield url
-    finally:
-        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def make_settings(database_url: str, **overrides: object) -> Settings:

@@ -1,13 +1,11 @@
 """The shipping files, checked without a Docker engine: the compose file's structure, hadolint on
 the Dockerfile, and each compose command run as stated against the local servers."""
 
-import asyncio
 import os
 import re
 import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +16,7 @@ import yaml
 
 import worker
 from settings import Settings
-from tests.conftest import ROOT, _admin_execute, database_url_for, redis_url
+from tests.conftest import ROOT, redis_url, scratch_database
 from tests.servers import WorkerProcess, wait_until
 
 COMPOSE = yaml.safe_load(Path(ROOT, "docker-compose.yml").read_text())
@@ -132,12 +130,8 @@ def test_image_gets_every_module_the_app_imports() -> None:
 
 @pytest.fixture
 def stack_database() -> Iterator[str]:
-    name = f"test_compose_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
-    try:
-        yield database_url_for(name)
-    finally:
-        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with scratch_database("test_compose") as url:
+        yield url
 
 
 def local_environment(service: str, database_url: str) -> dict[str, str]:

@@ -2,12 +2,10 @@
 database, every operation, a token for the protected ones. For a longer campaign see the
 README's Reliability section."""
 
-import asyncio
 import os
 import re
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,7 +13,7 @@ import httpx
 import pytest
 
 from alembic import command
-from tests.conftest import ROOT, _admin_execute, alembic_config_for, database_url_for, redis_url
+from tests.conftest import ROOT, alembic_config_for, redis_url, scratch_database
 from tests.servers import unused_port, wait_until
 
 CHECKS = ",".join(
@@ -36,13 +34,10 @@ SEED = os.environ.get("FUZZ_SEED", "20261124")
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """uvicorn serving the app on a spare port, on a database of its own with demo data."""
-    name = f"test_fuzz_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
-    url = database_url_for(name)
-    env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url(), "LOG_LEVEL": "WARNING"}
     port = unused_port()
     log = tmp_path_factory.mktemp("fuzz") / "uvicorn.log"
-    try:
+    with scratch_database("test_fuzz") as url:
+        env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url(), "LOG_LEVEL": "WARNING"}
         command.upgrade(alembic_config_for(url), "head")
         seed = [sys.executable, "cli.py", "seed-metrics", "--days", "60", "--rows-per-day", "100"]
         subprocess.run(seed, cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
@@ -64,8 +59,6 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         finally:
             server.terminate()
             server.wait(timeout=20)
-    finally:
-        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
 def _answers(url: str) -> bool:

@@ -5,7 +5,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -20,7 +19,7 @@ from sqlmodel import SQLModel
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from tests.conftest import ROOT, _admin_execute, alembic_config_for, database_url_for
+from tests.conftest import ROOT, alembic_config_for, scratch_database
 
 
 def _differences(connection: Connection) -> list[Any]:
@@ -47,12 +46,8 @@ async def test_migrated_schema_matches_the_models(database_url: str) -> None:
 
 @pytest.fixture
 def scratch_database_url() -> Iterator[str]:
-    name = f"test_scratch_{uuid.uuid4().hex[:12]}"
-    asyncio.run(_admin_execute(f'CREATE DATABASE "{name}"'))
-    try:
-        yield database_url_for(name)
-    finally:
-        asyncio.run(_admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    with scratch_database("test_scratch") as url:
+        yield url
 
 
 # pytest-alembic: single head, upgrade, up/down consistency, models match the DDL. Each runs
