@@ -93,9 +93,9 @@ PET_BY_ID = PET_ROWS.where(PETS.c.id == bindparam("pet_id"))
 def _pet_filters(query: PetQuery) -> list[ColumnElement[bool]]:
     filters: list[ColumnElement[bool]] = []
     if query.pet_type is not None:
-        filters.append(col(Pet.pet_type) == query.pet_type)
+        filters.append(PETS.c.pet_type == query.pet_type)
     if query.name is not None:
-        filters.append(col(Pet.name).icontains(query.name, autoescape=True))
+        filters.append(PETS.c.name.icontains(query.name, autoescape=True))
     return filters
 
 
@@ -164,7 +164,7 @@ async def patch_pet(session: AsyncSession, pet_id: int, data: PetUpdate) -> PetP
 
 
 async def delete_pet(session: AsyncSession, pet_id: int) -> None:
-    result = await session.exec(delete(Pet).where(col(Pet.id) == pet_id).returning(col(Pet.id)))
+    result = await _run(session, delete(PETS).where(PETS.c.id == pet_id).returning(PETS.c.id))
     if result.scalar_one_or_none() is None:
         raise _not_found(pet_id)
     await session.commit()
