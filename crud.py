@@ -549,6 +549,8 @@ async def refresh_rollups(session: AsyncSession, first_id: int, last_id: int) ->
     )
     dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
     sql = source.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
+    # A year of per-day sums fits in memory; at the default work_mem the hash spills to disk.
+    await _run(session, text("SET LOCAL work_mem = '256MB'"))
     await _run(session, text(f"CREATE TEMPORARY TABLE {ROLLUP_SOURCE} ON COMMIT DROP AS {sql}"))
     summed = table_clause(
         ROLLUP_SOURCE, *(column(key.name) for key in keys), *map(column, MEASURES)
