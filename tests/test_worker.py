@@ -267,7 +267,8 @@ async def test_two_workers_print_one_report_per_tick(
     assert sorted(minutes) == [f"{started_at:%Y-%m-%d %H:%M}", f"{next_tick:%Y-%m-%d %H:%M}"]
     assert set(minutes.values()) == {1}, minutes
     assert all(only_reports(output) for output in outputs)
-    assert all("heartbeat ran at" in process.stderr() for process in workers)
+    # Each worker's start-up heartbeat runs once, on whichever worker takes it from the queue.
+    assert "".join(process.stderr() for process in workers).count("heartbeat ran at") >= 1
     assert exit_codes == [0, 0], [process.stderr() for process in workers]
 
 
