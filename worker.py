@@ -24,7 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import crud
-from db import SessionMaker, create_engine, create_sessionmaker
+from db import create_engine
 from errors import Unavailable, classify_db_error
 from models import PetTypeStats
 from settings import HEARTBEAT_KEY, REPORT_JOB, Settings, configure_logging, get_settings
@@ -137,7 +137,7 @@ async def write_report(engine: AsyncEngine, template: Template, out: TextIO, now
     return total
 
 
-async def wait_for_database(sessionmaker: SessionMaker, budget_seconds: float) -> None:
+async def wait_for_database(engine: AsyncEngine, budget_seconds: float) -> None:
     """Return once the database answers, retrying with backoff for up to `budget_seconds`."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + budget_seconds
@@ -145,8 +145,8 @@ async def wait_for_database(sessionmaker: SessionMaker, budget_seconds: float) -
     failures = 0
     while True:
         try:
-            async with sessionmaker() as session:
-                await crud.ping(session)
+            async with engine.connect() as connection:
+                await crud.ping(connection)
         except Exception as error:
             if not isinstance(classify_db_error(error), Unavailable):
                 raise
@@ -165,8 +165,7 @@ async def wait_for_database(sessionmaker: SessionMaker, budget_seconds: float) -
 
 async def pet_report(ctx: dict[str, Any]) -> int:
     """Print the pet report to STDOUT; returns how many pets it listed."""
-    sessionmaker: SessionMaker = ctx["sessionmaker"]
-    await wait_for_database(sessionmaker, DATABASE_RETRY_SECONDS)
+    await wait_for_database(ctx["engine"], DATABASE_RETRY_SECONDS)
     return await write_report(ctx["engine"], ctx["report_template"], sys.stdout, datetime.now(UTC))
 
 
@@ -189,7 +188,6 @@ async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx.setdefault("settings", get_settings())
     configure_logging(settings.LOG_LEVEL)
     ctx["engine"] = create_engine(settings, application_name="pets-worker")
-    ctx["sessionmaker"] = create_sessionmaker(ctx["engine"])
     ctx["report_template"] = load_report_template()
     # The start-up report stands for the current minute's tick, under that tick's job id: if
     # another worker already printed it, this one does not print it again.

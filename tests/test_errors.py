@@ -38,7 +38,7 @@ async def test_wrong_method_is_a_405_problem_with_allow(client: httpx.AsyncClien
 
 
 @pytest.fixture
-async def unreachable_app(database_url: str) -> AsyncIterator[FastAPI]:
+async def unreachable_app() -> AsyncIterator[FastAPI]:
     """The app configured for a PostgreSQL and a Redis that are not there."""
     port = unused_port()
     settings = make_settings(
