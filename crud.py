@@ -41,7 +41,7 @@ from sqlalchemy.schema import AddConstraint, DropConstraint
 from sqlmodel import SQLModel, col, delete, select, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from errors import InvalidParameters, NotFound
+from errors import InvalidParameters, NotFound, PreconditionFailed
 from models import (
     DIMENSIONS,
     MEASURES,
@@ -58,6 +58,7 @@ from models import (
     PetCreate,
     PetPublic,
     PetQuery,
+    PetRecord,
     PetTypeStats,
     PetUpdate,
     User,
@@ -86,8 +87,10 @@ def _table(model: type[SQLModel]) -> Table:
 PETS = _table(Pet)
 # Pets are read as plain rows validated straight into PetPublic: no ORM objects to build.
 PET_ROWS = core_select(PETS.c.name, PETS.c.pet_type, PETS.c.id, PETS.c.created_at)
+# A single pet comes with its version, for its ETag.
+PET_RECORD = (*PET_ROWS.selected_columns, PETS.c.version)
 # Built once: the hottest query should not be rebuilt (and its cache key recomputed) per call.
-PET_BY_ID = PET_ROWS.where(PETS.c.id == bindparam("pet_id"))
+PET_BY_ID = core_select(*PET_RECORD).where(PETS.c.id == bindparam("pet_id"))
 
 
 def _pet_filters(query: PetQuery) -> list[ColumnElement[bool]]:
@@ -120,53 +123,80 @@ def _not_found(pet_id: int) -> NotFound:
     return NotFound(f"Pet {pet_id} does not exist.")
 
 
-async def get_pet(db: Executor, pet_id: int) -> PetPublic:
+async def get_pet(db: Executor, pet_id: int) -> PetRecord:
     row = (await _run(db, PET_BY_ID, {"pet_id": pet_id})).mappings().one_or_none()
     if row is None:
         raise _not_found(pet_id)
-    return PetPublic.model_validate(row)
+    return PetRecord.model_validate(row)
 
 
-async def create_pet(session: AsyncSession, data: PetCreate) -> PetPublic:
-    result = await _run(
-        session, insert(PETS).values(**data.model_dump()).returning(*PET_ROWS.selected_columns)
-    )
-    pet = PetPublic.model_validate(result.mappings().one())
+async def create_pet(session: AsyncSession, data: PetCreate) -> PetRecord:
+    result = await _run(session, insert(PETS).values(**data.model_dump()).returning(*PET_RECORD))
+    pet = PetRecord.model_validate(result.mappings().one())
     await session.commit()
     return pet
 
 
-async def _update_pet(session: AsyncSession, pet_id: int, changes: dict[str, Any]) -> PetPublic:
-    # One UPDATE ... RETURNING: no read-modify-write window for concurrent writers.
-    result = await _run(
-        session,
+async def _missing_or_changed(
+    db: Executor, pet_id: int, versions: Sequence[int] | None
+) -> NotFound | PreconditionFailed:
+    """Why a write found no row: the pet is gone (404), or it no longer has a version the
+    client's If-Match named (412)."""
+    exists_now = (await _run(db, PET_BY_ID, {"pet_id": pet_id})).first() is not None
+    if versions is None or not exists_now:
+        return _not_found(pet_id)
+    return PreconditionFailed(
+        f"Pet {pet_id} has changed since the ETag in If-Match: GET it again, then retry."
+    )
+
+
+async def _update_pet(
+    session: AsyncSession, pet_id: int, changes: dict[str, Any], versions: Sequence[int] | None
+) -> PetRecord:
+    # One UPDATE ... RETURNING: no read-modify-write window for concurrent writers; the version
+    # condition (If-Match) is part of the same statement.
+    statement = (
         update(PETS)
         .where(PETS.c.id == pet_id)
-        .values(**changes)
-        .returning(*PET_ROWS.selected_columns),
+        .values(**changes, version=PETS.c.version + 1)
+        .returning(*PET_RECORD)
     )
-    row = result.mappings().one_or_none()
+    if versions is not None:
+        statement = statement.where(PETS.c.version.in_(versions))
+    row = (await _run(session, statement)).mappings().one_or_none()
     if row is None:
-        raise _not_found(pet_id)
+        raise await _missing_or_changed(session, pet_id, versions)
     await session.commit()
-    return PetPublic.model_validate(row)
+    return PetRecord.model_validate(row)
 
 
-async def replace_pet(session: AsyncSession, pet_id: int, data: PetCreate) -> PetPublic:
-    return await _update_pet(session, pet_id, data.model_dump())
+async def replace_pet(
+    session: AsyncSession, pet_id: int, data: PetCreate, versions: Sequence[int] | None = None
+) -> PetRecord:
+    """Replace a pet; with `versions` (from If-Match), only if it still has one of them."""
+    return await _update_pet(session, pet_id, data.model_dump(), versions)
 
 
-async def patch_pet(session: AsyncSession, pet_id: int, data: PetUpdate) -> PetPublic:
+async def patch_pet(
+    session: AsyncSession, pet_id: int, data: PetUpdate, versions: Sequence[int] | None = None
+) -> PetRecord:
     changes = data.model_dump(exclude_unset=True)
     if not changes:
-        return await get_pet(session, pet_id)
-    return await _update_pet(session, pet_id, changes)
+        pet = await get_pet(session, pet_id)
+        if versions is not None and pet.version not in versions:
+            raise await _missing_or_changed(session, pet_id, versions)
+        return pet
+    return await _update_pet(session, pet_id, changes, versions)
 
 
-async def delete_pet(session: AsyncSession, pet_id: int) -> None:
-    result = await _run(session, delete(PETS).where(PETS.c.id == pet_id).returning(PETS.c.id))
-    if result.scalar_one_or_none() is None:
-        raise _not_found(pet_id)
+async def delete_pet(
+    session: AsyncSession, pet_id: int, versions: Sequence[int] | None = None
+) -> None:
+    statement = delete(PETS).where(PETS.c.id == pet_id).returning(PETS.c.id)
+    if versions is not None:
+        statement = statement.where(PETS.c.version.in_(versions))
+    if (await _run(session, statement)).scalar_one_or_none() is None:
+        raise await _missing_or_changed(session, pet_id, versions)
     await session.commit()
 
 

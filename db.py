@@ -1,6 +1,7 @@
 """The async engine, the session factory, and the per-request session and connection
 dependencies."""
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from errors import Unavailable
 from settings import Settings
 
 SessionMaker = async_sessionmaker[AsyncSession]
@@ -24,14 +26,16 @@ def create_engine(
     settings: Settings,
     application_name: str = "pets-api",
     statement_timeout_ms: int | None = None,
+    pool_size: int | None = None,
 ) -> AsyncEngine:
-    """The service's engine; bulk commands pass statement_timeout_ms=0 (no limit)."""
+    """The service's engine; bulk commands pass statement_timeout_ms=0 (no limit), the
+    analytics pool its own timeout and a fixed size (no overflow)."""
     if statement_timeout_ms is None:
         statement_timeout_ms = settings.DB_STATEMENT_TIMEOUT_MS
     engine = create_async_engine(
         settings.DATABASE_URL,
-        pool_size=settings.DB_POOL_SIZE,
-        max_overflow=settings.DB_MAX_OVERFLOW,
+        pool_size=settings.DB_POOL_SIZE if pool_size is None else pool_size,
+        max_overflow=settings.DB_MAX_OVERFLOW if pool_size is None else 0,
         pool_timeout=settings.DB_POOL_TIMEOUT,
         connect_args={
             "timeout": settings.DB_CONNECT_TIMEOUT,
@@ -83,3 +87,26 @@ async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
 
 
 ConnectionDep = Annotated[AsyncConnection, Depends(get_connection)]
+
+
+async def get_metrics_connection(request: Request) -> AsyncIterator[AsyncConnection]:
+    """A connection of the analytics pool, once one of its METRICS_MAX_CONCURRENT turns is free
+    (503 after METRICS_QUEUE_SECONDS): heavy questions queue here, not in the main pool."""
+    settings: Settings = request.app.state.settings
+    turns: asyncio.Semaphore = request.app.state.metrics_turns
+    try:
+        async with asyncio.timeout(settings.METRICS_QUEUE_SECONDS):
+            await turns.acquire()
+    except TimeoutError:
+        raise Unavailable(
+            "Too many analytics questions are running; retry shortly, or narrow the question."
+        ) from None
+    try:
+        engine: AsyncEngine = request.app.state.metrics_engine
+        async with engine.connect() as connection:
+            yield connection
+    finally:
+        turns.release()
+
+
+MetricsConnectionDep = Annotated[AsyncConnection, Depends(get_metrics_connection)]

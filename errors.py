@@ -25,8 +25,20 @@ class ServiceError(Exception):
         self.items: list[ErrorItem] = []
 
 
+class BadRequest(ServiceError):
+    status = 400
+
+
 class NotFound(ServiceError):
     status = 404
+
+
+class NotAcceptable(ServiceError):
+    status = 406
+
+
+class PreconditionFailed(ServiceError):
+    status = 412
 
 
 class Conflict(ServiceError):

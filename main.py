@@ -12,10 +12,11 @@ from http import HTTPStatus
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote_to_bytes
 
+import mimeparse
 from fastapi import APIRouter, Depends, FastAPI, Form, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -37,6 +38,7 @@ from auth import (
 )
 from db import (
     ConnectionDep,
+    MetricsConnectionDep,
     SessionDep,
     SessionMaker,
     autocommit,
@@ -44,8 +46,10 @@ from db import (
     create_sessionmaker,
 )
 from errors import (
+    BadRequest,
     ErrorItem,
     InvalidParameters,
+    NotAcceptable,
     NotFound,
     ServiceError,
     Unauthorized,
@@ -53,6 +57,7 @@ from errors import (
     UnsupportedMediaType,
     classify_db_error,
 )
+from middleware import HeadAsGet, SecurityHeaders
 from models import (
     DIMENSIONS,
     INT32_MAX,
@@ -68,6 +73,7 @@ from models import (
     PetPage,
     PetPublic,
     PetQuery,
+    PetRecord,
     PetUpdate,
     Problem,
     ProblemItem,
@@ -123,6 +129,14 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.engine = engine
     app.state.sessionmaker = create_sessionmaker(engine)
     app.state.read_engine = autocommit(engine)
+    metrics_engine = create_engine(
+        settings,
+        "pets-api-metrics",
+        settings.METRICS_STATEMENT_TIMEOUT_MS,
+        pool_size=settings.METRICS_MAX_CONCURRENT,
+    )
+    app.state.metrics_engine = autocommit(metrics_engine)
+    app.state.metrics_turns = asyncio.Semaphore(settings.METRICS_MAX_CONCURRENT)
     app.state.dimension_names = crud.NameCache()
     app.state.redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
     # Warm the timing-equaliser hash now rather than on the first unknown-user login.
@@ -144,6 +158,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                 await provisioning
         await app.state.redis.aclose()
         await engine.dispose()
+        await metrics_engine.dispose()
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -197,12 +212,29 @@ def _allowed_methods(request: Request) -> str:
     for route in router.routes:
         if isinstance(route, APIRoute) and route.matches(request.scope)[0] != Match.NONE:
             methods |= route.methods or set()
+    if "GET" in methods:
+        methods.add("HEAD")  # answered by middleware.HeadAsGet
     return ", ".join(sorted(methods))
 
 
-async def on_http_error(request: Request, error: Exception) -> JSONResponse:
+def _slash_redirect(request: Request) -> str | None:
+    """The same path with its trailing slash added or removed, if a route answers that: a
+    relative URL, so a forged Host header never reaches the Location."""
+    path = request.url.path
+    other = path[:-1] if path.endswith("/") else f"{path}/"
+    if path == "/" or other.startswith("//"):
+        return None
+    scope = {**request.scope, "path": other}
+    if not any(route.matches(scope)[0] != Match.NONE for route in request.app.routes):
+        return None
+    return f"{other}?{request.url.query}" if request.url.query else other
+
+
+async def on_http_error(request: Request, error: Exception) -> Response:
     assert isinstance(error, StarletteHTTPException)
     headers = dict(error.headers or {})
+    if error.status_code == 404 and (location := _slash_redirect(request)) is not None:
+        return RedirectResponse(location, status_code=307)
     if error.status_code == 405:
         headers["Allow"] = _allowed_methods(request)
     return problem_response(error.status_code, str(error.detail), headers=headers)
@@ -243,6 +275,8 @@ def openapi_with_problems(app: FastAPI) -> dict[str, Any]:
             # Any request can be malformed below the schema: a URL that is not UTF-8, a body
             # that cannot be decoded.
             operation["responses"].setdefault("400", {"description": "Bad Request"})
+            if "204" not in operation["responses"]:  # Accept names no type the route sends
+                operation["responses"].setdefault("406", {"description": "Not Acceptable"})
             for status, response in operation.get("responses", {}).items():
                 if int(status) >= 400:
                     response["content"] = {PROBLEM_MEDIA_TYPE: problem_ref}
@@ -289,18 +323,88 @@ async def check_query_parameters(request: Request) -> None:
 
 
 async def require_json_body(request: Request) -> None:
-    """415 for a body that says it is something other than JSON (curl -d sends a form)."""
+    """415 for a body that says it is something other than JSON (curl -d sends a form); 400 for
+    one that is not UTF-8 (RFC 8259), which the JSON parser would otherwise guess (UTF-16)."""
     content_type = request.headers.get("content-type")
-    if content_type is None:
-        return
-    media_type = content_type.split(";", 1)[0].strip().lower()
-    if media_type != "application/json" and not media_type.endswith("+json"):
-        raise UnsupportedMediaType(
-            f"The body must be JSON (Content-Type: application/json), not {media_type!r}."
-        )
+    if content_type is not None:
+        media_type = content_type.split(";", 1)[0].strip().lower()
+        if media_type != "application/json" and not media_type.endswith("+json"):
+            raise UnsupportedMediaType(
+                f"The body must be JSON (Content-Type: application/json), not {media_type!r}."
+            )
+    try:
+        (await request.body()).decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("The body is not UTF-8: JSON must be sent as UTF-8.") from None
 
 
 JsonBody = Depends(require_json_body)
+
+JSON = "application/json"
+CSV = "text/csv"
+# What each route can send; the rest send JSON. On ties JSON wins (the last listed).
+OFFERED_MEDIA_TYPES = {"/metrics": (CSV, JSON)}
+
+
+async def negotiate(request: Request) -> str:
+    """The media type to answer with, by the Accept header's q values: 406 when the client
+    accepts none of the route's. Errors are always sent as problem+json (RFC 9110 allows it)."""
+    route = request.scope["route"]
+    offered = OFFERED_MEDIA_TYPES.get(route.path_format, (JSON,))
+    accept = request.headers.get("accept")
+    if not accept or route.status_code == 204:
+        return offered[-1]
+    try:
+        chosen = mimeparse.best_match(offered, accept)
+    except ValueError:  # an unparseable Accept is ignored, as if absent
+        return offered[-1]
+    if not chosen:
+        raise NotAcceptable(f"This resource can be sent as {' or '.join(reversed(offered))} only.")
+    return str(chosen)
+
+
+MediaType = Annotated[str, Depends(negotiate)]
+
+ETAG_LIST_PATTERN = r'^\s*(\*|(W/)?"[^"]*"(\s*,\s*(W/)?"[^"]*")*)\s*$'
+
+
+def etag_of(pet: PetRecord) -> str:
+    """A strong ETag: the pet's id and version, which goes up with every change."""
+    return f'"{pet.id}-{pet.version}"'
+
+
+def versions_named(if_match: str | None, pet_id: int) -> list[int] | None:
+    """The versions of this pet an If-Match names; None when there is no condition (absent or
+    `*`). Weak or foreign tags never match (strong comparison, RFC 9110 13.1.1)."""
+    if if_match is None or if_match.strip() == "*":
+        return None
+    prefix = f'"{pet_id}-'
+    tags = (tag.strip() for tag in if_match.split(","))
+    return [
+        int(tag[len(prefix) : -1])
+        for tag in tags
+        if tag.startswith(prefix)
+        and tag.endswith('"')
+        and tag[len(prefix) : -1].isdigit()
+        and len(tag) < 40
+    ]
+
+
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    # Weak comparison for If-None-Match (RFC 9110 13.1.2).
+    tags = {tag.strip().removeprefix("W/") for tag in if_none_match.split(",")}
+    return "*" in tags or etag in tags
+
+
+IfMatch = Annotated[
+    str | None,
+    Header(
+        pattern=ETAG_LIST_PATTERN,
+        max_length=1000,
+        description="Only change the pet if its ETag is one of these (else 412); `*`: any.",
+    ),
+]
+ETAG_HEADER = {"ETag": {"description": "The pet's version", "schema": {"type": "string"}}}
 
 
 def _decodes(raw: bytes) -> bool:
@@ -330,7 +434,7 @@ class RejectUndecodableUrls:
 
 # --- routes ------------------------------------------------------------------------------------
 
-router = APIRouter(dependencies=[Depends(check_query_parameters)])
+router = APIRouter(dependencies=[Depends(check_query_parameters), Depends(negotiate)])
 
 
 @router.post("/auth/token", tags=["auth"], responses=problems(401, 422, 429, 503))
@@ -362,23 +466,53 @@ async def list_pets(db: ConnectionDep, query: Annotated[PetQuery, Query()]) -> P
     return PetPage(items=pets, total=total, limit=query.limit, offset=query.offset)
 
 
-@router.get("/pets/{pet_id}", tags=["pets"], responses=problems(404, 422, 503))
-async def get_pet(db: ConnectionDep, pet_id: PetId) -> PetPublic:
-    """One pet by id."""
-    return await crud.get_pet(db, pet_id)
+@router.get(
+    "/pets/{pet_id}",
+    tags=["pets"],
+    response_model=PetPublic,
+    responses={
+        200: {"headers": ETAG_HEADER},
+        304: {"description": "Not Modified: the ETag in If-None-Match is current"},
+        **problems(404, 422, 503),
+    },
+)
+async def get_pet(
+    db: ConnectionDep,
+    pet_id: PetId,
+    response: Response,
+    if_none_match: Annotated[
+        str | None,
+        Header(
+            pattern=ETAG_LIST_PATTERN,
+            max_length=1000,
+            description="304 with no body if the pet's ETag is one of these.",
+        ),
+    ] = None,
+) -> PetRecord | Response:
+    """One pet by id, with its ETag."""
+    pet = await crud.get_pet(db, pet_id)
+    etag = etag_of(pet)
+    # no-cache: a cache may keep the pet but must revalidate it (If-None-Match) before use.
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if if_none_match is not None and _etag_matches(if_none_match, etag):
+        return Response(status_code=304, headers=headers)
+    response.headers.update(headers)
+    return pet
 
 
 @router.post(
     "/pets",
     status_code=201,
     tags=["pets"],
+    response_model=PetPublic,
     responses={
         201: {
             "headers": {
                 "Location": {
-                    "description": "URL of the new pet",
+                    "description": "Path of the new pet (relative, never built from Host)",
                     "schema": {"type": "string"},
-                }
+                },
+                **ETAG_HEADER,
             }
         },
         **problems(401, 415, 422, 503),
@@ -391,37 +525,55 @@ async def create_pet(
     session: SessionDep,
     user: CurrentUser,
     pet: PetCreate,
-) -> PetPublic:
+) -> PetRecord:
     """Add a pet."""
     created = await crud.create_pet(session, pet)
-    response.headers["Location"] = str(request.url_for("get_pet", pet_id=created.id))
+    path = request.app.url_path_for("get_pet", pet_id=created.id)
+    response.headers["Location"] = request.scope.get("root_path", "") + path
+    response.headers["ETag"] = etag_of(created)
     return created
 
 
 @router.put(
     "/pets/{pet_id}",
     tags=["pets"],
-    responses=problems(401, 404, 415, 422, 503),
+    response_model=PetPublic,
+    responses={200: {"headers": ETAG_HEADER}, **problems(401, 404, 412, 415, 422, 503)},
     dependencies=[JsonBody],
 )
 async def replace_pet(
-    session: SessionDep, user: CurrentUser, pet_id: PetId, pet: PetCreate
-) -> PetPublic:
-    """Replace every field of a pet."""
-    return await crud.replace_pet(session, pet_id, pet)
+    session: SessionDep,
+    user: CurrentUser,
+    pet_id: PetId,
+    pet: PetCreate,
+    response: Response,
+    if_match: IfMatch = None,
+) -> PetRecord:
+    """Replace every field of a pet (only if it still has an ETag in If-Match, when given)."""
+    replaced = await crud.replace_pet(session, pet_id, pet, versions_named(if_match, pet_id))
+    response.headers["ETag"] = etag_of(replaced)
+    return replaced
 
 
 @router.patch(
     "/pets/{pet_id}",
     tags=["pets"],
-    responses=problems(401, 404, 415, 422, 503),
+    response_model=PetPublic,
+    responses={200: {"headers": ETAG_HEADER}, **problems(401, 404, 412, 415, 422, 503)},
     dependencies=[JsonBody],
 )
 async def patch_pet(
-    session: SessionDep, user: CurrentUser, pet_id: PetId, changes: PetUpdate
-) -> PetPublic:
-    """Change some fields of a pet."""
-    return await crud.patch_pet(session, pet_id, changes)
+    session: SessionDep,
+    user: CurrentUser,
+    pet_id: PetId,
+    changes: PetUpdate,
+    response: Response,
+    if_match: IfMatch = None,
+) -> PetRecord:
+    """Change some fields of a pet (only if it still has an ETag in If-Match, when given)."""
+    patched = await crud.patch_pet(session, pet_id, changes, versions_named(if_match, pet_id))
+    response.headers["ETag"] = etag_of(patched)
+    return patched
 
 
 @router.delete(
@@ -429,11 +581,13 @@ async def patch_pet(
     status_code=204,
     response_class=Response,
     tags=["pets"],
-    responses=problems(401, 404, 422, 503),
+    responses=problems(401, 404, 412, 422, 503),
 )
-async def delete_pet(session: SessionDep, user: CurrentUser, pet_id: PetId) -> None:
-    """Remove a pet."""
-    await crud.delete_pet(session, pet_id)
+async def delete_pet(
+    session: SessionDep, user: CurrentUser, pet_id: PetId, if_match: IfMatch = None
+) -> None:
+    """Remove a pet (only if it still has an ETag in If-Match, when given)."""
+    await crud.delete_pet(session, pet_id, versions_named(if_match, pet_id))
 
 
 def utc_today() -> date:
@@ -472,6 +626,20 @@ async def filter_ids(
     return ids
 
 
+# A cell a spreadsheet would run as a formula (OWASP's CSV injection rule).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """The value as a CSV cell: empty for null; text that a spreadsheet would take for a
+    formula (a dimension named `=HYPERLINK(...)`) gets a leading `'`, so it stays text."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return f"'{value}"
+    return value
+
+
 def metrics_csv(page: MetricsPage, group_by: Sequence[str]) -> StreamingResponse:
     columns = [*group_by, *METRICS]
 
@@ -480,7 +648,7 @@ def metrics_csv(page: MetricsPage, group_by: Sequence[str]) -> StreamingResponse
         writer = csv.writer(buffer, lineterminator="\n")
         writer.writerow(columns)
         for row in page.rows:
-            writer.writerow(["" if (v := getattr(row, c)) is None else v for c in columns])
+            writer.writerow([csv_cell(getattr(row, column)) for column in columns])
             yield buffer.getvalue()
             buffer.seek(0)
             buffer.truncate()
@@ -505,12 +673,16 @@ def metrics_csv(page: MetricsPage, group_by: Sequence[str]) -> StreamingResponse
 )
 async def get_metrics(
     request: Request,
-    db: ConnectionDep,
+    db: MetricsConnectionDep,
     query: Annotated[MetricsQuery, Query()],
     today: Annotated[date, Depends(utc_today)],
-    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+    media_type: MediaType,
 ) -> MetricsPage | StreamingResponse:
-    """Ad metrics summed over a date range, filtered and grouped by dimensions, with ratios."""
+    """Ad metrics summed over a date range, filtered and grouped by dimensions, with ratios.
+
+    Money (`cost`, `cpc`, `cpm`, `cpa`) is sent as exact decimal strings. At most
+    METRICS_MAX_CONCURRENT questions run at once per process; one more waits briefly, then gets
+    503 with Retry-After."""
     settings: Settings = request.app.state.settings
     start, end = date_range(query, today, settings.METRICS_MAX_SPAN_DAYS)
     plan = crud.MetricsPlan(
@@ -523,7 +695,7 @@ async def get_metrics(
         offset=query.offset,
     )
     page = await crud.query_metrics(db, plan)
-    wants_csv = query.format == "csv" or (query.format is None and "text/csv" in (accept or ""))
+    wants_csv = query.format == "csv" or (query.format is None and media_type == CSV)
     return metrics_csv(page, query.group_by) if wants_csv else page
 
 
@@ -570,9 +742,20 @@ async def _ping_database(engine: AsyncEngine) -> None:
         await crud.ping(connection)
 
 
-async def _last_heartbeat(redis: Redis) -> datetime | None:
+HeartbeatState = Literal["recorded", "never", "unreadable"]
+
+
+async def _last_heartbeat(redis: Redis) -> tuple[HeartbeatState, datetime | None]:
+    """Whether the worker's heartbeat is recorded, never recorded or unreadable, and when."""
     recorded = await redis.get(HEARTBEAT_KEY)
-    return datetime.fromisoformat(recorded.decode()) if recorded else None
+    if recorded is None:
+        return "never", None
+    try:
+        at = datetime.fromisoformat(recorded.decode())
+    except (UnicodeDecodeError, ValueError):
+        log.warning("unreadable worker heartbeat in Redis %s: %r", HEARTBEAT_KEY, recorded[:100])
+        return "unreadable", None
+    return "recorded", at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
 @router.get("/ready", tags=["operations"], responses=problems(503))
@@ -586,9 +769,11 @@ async def ready(request: Request) -> Readiness:
     down = [name for name, ok in (("database", database_ok), ("redis", redis_ok)) if not ok]
     if down:
         raise Unavailable(f"Not ready: {' and '.join(down)} unreachable.")
-    heartbeat = await _last_heartbeat(redis)
+    state, heartbeat = await _last_heartbeat(redis)
     age = None if heartbeat is None else int((datetime.now(UTC) - heartbeat).total_seconds())
-    return Readiness(worker_heartbeat_at=heartbeat, worker_heartbeat_age_seconds=age)
+    return Readiness(
+        worker_heartbeat=state, worker_heartbeat_at=heartbeat, worker_heartbeat_age_seconds=age
+    )
 
 
 # --- the app -----------------------------------------------------------------------------------
@@ -601,10 +786,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="1.0.0",
         description="A pet directory (JWT-protected writes) and an ad-metrics analytics API.",
         lifespan=lifespan,
+        # A trailing-slash redirect is made by on_http_error instead, with a relative Location.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.include_router(router)
     app.add_middleware(RejectUndecodableUrls)
+    app.add_middleware(HeadAsGet)
+    app.add_middleware(SecurityHeaders)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)

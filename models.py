@@ -1,5 +1,6 @@
 """Every SQLModel class: tables, their request/response schemas, and the problem (error) body."""
 
+import unicodedata
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta
 from decimal import Decimal
@@ -11,6 +12,7 @@ from pydantic import (
     PlainSerializer,
     StringConstraints,
     ValidationInfo,
+    WithJsonSchema,
     field_validator,
 )
 from pydantic import (
@@ -48,12 +50,41 @@ PATTERN_MESSAGES = {
     USERNAME_PATTERN: "must be letters, digits, '_', '.', '@' or '-', not starting with a symbol",
 }
 
+# Characters a name may not hold, by Unicode general category: controls, format characters
+# (zero-width spaces, bidi overrides such as U+202E), surrogates, private use, unassigned code
+# points, and the line and paragraph separators (U+2028 would split a line of the report).
+# A name also needs one letter, digit, punctuation mark or symbol: something a person can see.
+FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+VISIBLE_CATEGORY_CLASSES = frozenset("LNPS")
+NAME_RULE = (
+    "Trimmed. At least one letter, digit, punctuation mark or symbol; no control, format "
+    "(zero-width, bidi override), private-use, unassigned, surrogate, line-separator or "
+    "paragraph-separator characters."
+)
+
+
+def printable_name(value: str) -> str:
+    """Refuse invisible or disruptive characters (the pattern cannot state Unicode categories
+    portably), then trim."""
+    categories = [unicodedata.category(character) for character in value]
+    if any(category in FORBIDDEN_CATEGORIES for category in categories):
+        raise ValueError(
+            "must not contain control, format (zero-width, bidi), private-use, unassigned or "
+            "line/paragraph separator characters"
+        )
+    if not any(category[0] in VISIBLE_CATEGORY_CLASSES for category in categories):
+        raise ValueError(
+            "must contain a visible character (a letter, digit, punctuation mark or symbol)"
+        )
+    return value.strip()
+
+
 # Constraints are checked on the raw input (so the OpenAPI document describes exactly what is
 # accepted), then the value is normalised.
 PetName = Annotated[
     str,
     StringConstraints(min_length=1, max_length=100, pattern=NAME_PATTERN),
-    AfterValidator(str.strip),
+    AfterValidator(printable_name),
 ]
 PetType = Annotated[
     str,
@@ -70,7 +101,7 @@ def _created_at_column(*, index: bool = False) -> Column[datetime]:
 
 # Fields shared by every pet schema; the validation rules live here once.
 class PetBase(SQLModel):
-    name: PetName = Field(max_length=100)
+    name: PetName = Field(max_length=100, description=NAME_RULE)
     pet_type: PetType = Field(max_length=30, index=True)
 
 
@@ -92,7 +123,7 @@ class PetCreate(PetBase):
 class PetUpdate(SQLModel):
     model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
 
-    name: PetName = Field(default=None)
+    name: PetName = Field(default=None, description=NAME_RULE)
     pet_type: PetType = Field(default=None)
 
 
@@ -100,6 +131,11 @@ class PetUpdate(SQLModel):
 class PetPublic(PetBase):
     id: int
     created_at: datetime
+
+
+# A pet with its version, as crud reads it; routes send the version as the ETag, not in the body.
+class PetRecord(PetPublic):
+    version: int = Field(exclude=True)
 
 
 PetSort = Literal[
@@ -182,6 +218,9 @@ class Readiness(SQLModel):
     status: Literal["ready"] = "ready"
     database: Literal["ok"] = "ok"
     redis: Literal["ok"] = "ok"
+    worker_heartbeat: Literal["recorded", "never", "unreadable"] = Field(
+        description="Whether the worker has recorded a heartbeat (unreadable: logged)."
+    )
     worker_heartbeat_at: datetime | None = Field(
         default=None, description="When the worker's heartbeat job last ran (UTC); null if never."
     )
@@ -197,7 +236,7 @@ class Readiness(SQLModel):
 DimensionName = Annotated[
     str,
     StringConstraints(min_length=1, max_length=100, pattern=NAME_PATTERN),
-    AfterValidator(str.strip),
+    AfterValidator(printable_name),
 ]
 
 
@@ -471,8 +510,30 @@ def _float_or_none(value: Decimal | None) -> float | None:
     return None if value is None else float(value)
 
 
-# Sums and ratios are exact decimals in the database; JSON carries them as numbers.
-Money = Annotated[Decimal, PlainSerializer(float, return_type=float, when_used="json")]
+def _decimal_text(value: Decimal | None) -> str | None:
+    return None if value is None else f"{value:f}"
+
+
+def _cents_text(value: Decimal) -> str:
+    return f"{value.quantize(CENT):f}"
+
+
+# Sums and ratios are exact decimals in the database. Amounts of money (cost and the cost
+# ratios) travel as decimal strings, as Meta's Insights API sends `spend`: a JSON number would
+# be read as a double by most clients and lose cents past 2^53 (150999999999998.49 becomes
+# ...98.5). The dimensionless ratios (ctr, cvr) are plain numbers.
+CENT = Decimal("0.01")
+DECIMAL_STRING = {"type": "string", "format": "decimal", "pattern": r"^\d+(\.\d+)?$"}
+Money = Annotated[
+    Decimal,
+    PlainSerializer(_cents_text, return_type=str, when_used="json"),
+    WithJsonSchema(DECIMAL_STRING, mode="serialization"),
+]
+MoneyRatio = Annotated[
+    Decimal | None,
+    PlainSerializer(_decimal_text, return_type=str | None, when_used="json"),
+    WithJsonSchema({"anyOf": [DECIMAL_STRING, {"type": "null"}]}, mode="serialization"),
+]
 Ratio = Annotated[
     Decimal | None, PlainSerializer(_float_or_none, return_type=float | None, when_used="json")
 ]
@@ -482,13 +543,13 @@ Ratio = Annotated[
 class MetricValues(SQLModel):
     impressions: int
     clicks: int
-    cost: Money
+    cost: Money = Field(description='Sum of cost, exact: a decimal string such as "1234.50".')
     conversions: int
     likes: int
     ctr: Ratio = Field(description="clicks / impressions")
-    cpc: Ratio = Field(description="cost / clicks")
-    cpm: Ratio = Field(description="cost * 1000 / impressions")
-    cpa: Ratio = Field(description="cost / conversions")
+    cpc: MoneyRatio = Field(description="cost / clicks, a decimal string (6 places)")
+    cpm: MoneyRatio = Field(description="cost * 1000 / impressions, a decimal string (6 places)")
+    cpa: MoneyRatio = Field(description="cost / conversions, a decimal string (6 places)")
     cvr: Ratio = Field(description="conversions / clicks")
 
 

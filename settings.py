@@ -42,6 +42,13 @@ class Settings(BaseSettings):
     LOGIN_FAILURE_WINDOW_SECONDS: int = Field(default=300, ge=1)
     # The longest date range GET /metrics answers (three years).
     METRICS_MAX_SPAN_DAYS: int = Field(default=3 * 365 + 1, ge=1)
+    # Analytics run on a pool of their own, this many questions at a time per API process; one
+    # more waits up to METRICS_QUEUE_SECONDS for a turn, then gets 503 + Retry-After. Pet reads
+    # and logins keep the main pool whatever /metrics does.
+    METRICS_MAX_CONCURRENT: int = Field(default=4, ge=1, le=100)
+    METRICS_QUEUE_SECONDS: float = Field(default=2.0, ge=0, le=60)
+    # statement_timeout of the analytics pool: a question that runs longer is 503.
+    METRICS_STATEMENT_TIMEOUT_MS: int = Field(default=30_000, ge=1)
 
     @field_validator("DATABASE_URL")
     @classmethod

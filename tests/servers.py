@@ -145,3 +145,32 @@ class WorkerProcess:
         except subprocess.TimeoutExpired:
             self.process.kill()
             raise
+
+
+class ApiServer:
+    """The API served by a real uvicorn on a spare port, with the given environment."""
+
+    def __init__(self, env: dict[str, str], log: Path) -> None:
+        self.port = unused_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.env = env
+        self.log = log
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> "ApiServer":
+        command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(self.port)]
+        with self.log.open("w") as output:
+            self.process = subprocess.Popen(
+                command, cwd=ROOT, env=self.env, stdout=output, stderr=output
+            )
+        process = self.process
+        wait_until(
+            lambda: _accepts_connections(self.port) or process.poll() is not None, 30, "uvicorn"
+        )
+        assert process.poll() is None, self.log.read_text()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=20)

@@ -34,7 +34,7 @@ async def test_unknown_route_is_a_404_problem(client: httpx.AsyncClient) -> None
 async def test_wrong_method_is_a_405_problem_with_allow(client: httpx.AsyncClient) -> None:
     response = await client.put("/pets")
     assert_problem(response, 405)
-    assert response.headers["allow"] == "GET, POST"
+    assert response.headers["allow"] == "GET, HEAD, POST"
 
 
 @pytest.fixture

@@ -42,10 +42,21 @@ def fact(row: tuple[Any, ...]) -> dict[str, Any]:
     return values
 
 
-def ratio(numerator: Decimal, denominator: Decimal) -> float | None:
+def rounded(numerator: Decimal, denominator: Decimal) -> Decimal | None:
     if denominator == 0:
         return None
-    return float((numerator / denominator).quantize(Decimal("0.000001"), ROUND_HALF_UP))
+    return (numerator / denominator).quantize(Decimal("0.000001"), ROUND_HALF_UP)
+
+
+def ratio(numerator: Decimal, denominator: Decimal) -> float | None:
+    value = rounded(numerator, denominator)
+    return None if value is None else float(value)
+
+
+def money(numerator: Decimal, denominator: Decimal) -> str | None:
+    """A cost ratio as the API sends it: an exact decimal string with 6 places."""
+    value = rounded(numerator, denominator)
+    return None if value is None else f"{value:f}"
 
 
 def metrics(facts: list[dict[str, Any]]) -> dict[str, Any]:
@@ -54,13 +65,13 @@ def metrics(facts: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "impressions": int(s["impressions"]),
         "clicks": int(s["clicks"]),
-        "cost": float(s["cost"]),
+        "cost": f"{s['cost'].quantize(Decimal('0.01')):f}",
         "conversions": int(s["conversions"]),
         "likes": int(s["likes"]),
         "ctr": ratio(s["clicks"], s["impressions"]),
-        "cpc": ratio(s["cost"], s["clicks"]),
-        "cpm": ratio(s["cost"] * 1000, s["impressions"]),
-        "cpa": ratio(s["cost"], s["conversions"]),
+        "cpc": money(s["cost"], s["clicks"]),
+        "cpm": money(s["cost"] * 1000, s["impressions"]),
+        "cpa": money(s["cost"], s["conversions"]),
         "cvr": ratio(s["conversions"], s["clicks"]),
     }
 
@@ -155,8 +166,8 @@ async def test_without_groups_one_row_of_totals_over_the_last_30_days(
     body = await get_metrics(client)
     totals = metrics(ALL)
     assert totals == {
-        "impressions": 6500, "clicks": 180, "cost": 120.75, "conversions": 14, "likes": 61,
-        "ctr": 0.027692, "cpc": 0.670833, "cpm": 18.576923, "cpa": 8.625, "cvr": 0.077778,
+        "impressions": 6500, "clicks": 180, "cost": "120.75", "conversions": 14, "likes": 61,
+        "ctr": 0.027692, "cpc": "0.670833", "cpm": "18.576923", "cpa": "8.625000", "cvr": 0.077778,
     }  # fmt: skip
     assert body == {"rows": [totals], "totals": totals, "total_rows": 1, "limit": 100, "offset": 0}
 

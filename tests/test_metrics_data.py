@@ -1,9 +1,11 @@
 """seed-metrics and load-metrics: deterministic, idempotent, all-or-nothing; and on seeded data,
 every /metrics answer equals the same sums worked out directly in SQL."""
 
+import csv
 import dataclasses
+import io
 from collections.abc import AsyncIterator
-from datetime import date
+from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -248,7 +250,7 @@ async def test_load_upserts_facts_and_creates_new_values(
     atlantis = (
         await client.get("/metrics", params={"region": "Atlantis", "preset": "last_7d"})
     ).json()
-    assert (atlantis["totals"]["impressions"], atlantis["totals"]["cost"]) == (150, 2.25)
+    assert (atlantis["totals"]["impressions"], atlantis["totals"]["cost"]) == (150, "2.25")
 
 
 BAD_LINES = {
@@ -391,3 +393,48 @@ async def test_loads_keep_the_rollups_in_step(
     assert [row["impressions"] for row in after["rows"] if row["platform"] == "facebook"] == [
         facebook + 100000
     ]
+
+
+@pytest.mark.usefixtures("empty_metrics")
+async def test_money_is_exact_in_json_and_csv_at_any_size(
+    settings: Settings, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    # 151 facts at the column's largest cost: 150999999999998.49, past a double's precision.
+    days = [date(2026, 1, 1) + timedelta(days=n) for n in range(151)]
+    lines = [
+        f"{day},North,18-24,female,facebook,feed,mobile,7,3,999999999999.99,1,0" for day in days
+    ]
+    cli_ok(settings, "load-metrics", str(write_csv(tmp_path, *lines)))
+    params = {"start_date": "2026-01-01", "end_date": "2026-12-31"}
+    body = (await client.get("/metrics", params=params)).json()
+    totals = body["totals"]
+    assert totals["cost"] == "150999999999998.49"
+    assert Decimal(totals["cpc"]) == (Decimal("150999999999998.49") / 453).quantize(Decimal("1E-6"))
+    assert totals["cpa"] == "999999999999.990000"
+    assert isinstance(totals["ctr"], float)
+    csv_text = (await client.get("/metrics", params={**params, "format": "csv"})).text
+    assert ",150999999999998.49," in csv_text
+    schema = (await client.get("/openapi.json")).json()["components"]["schemas"]
+    cost = schema["MetricValues"]["properties"]["cost"]
+    assert (cost["type"], cost["format"]) == ("string", "decimal")
+
+
+@pytest.mark.usefixtures("empty_metrics")
+async def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_neutralised(
+    settings: Settings, client: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    names = ['=HYPERLINK("http://x.example","y")', "@SUM(1+1)", "+1+2", "-3", "Plain"]
+    lines = [
+        f'2026-11-10,"{name.replace(chr(34), chr(34) * 2)}",18-24,female,facebook,feed,mobile,1,0,0,0,0'  # noqa: E501
+        for name in names
+    ]
+    cli_ok(settings, "load-metrics", str(write_csv(tmp_path, *lines)))
+    response = await client.get(
+        "/metrics", params={"preset": "last_7d", "group_by": "region", "format": "csv"}
+    )
+    regions = [row[0] for row in csv.reader(io.StringIO(response.text))][1:]
+    assert sorted(regions) == sorted([f"'{name}" for name in names[:4]] + ["Plain"])
+    json_rows = (
+        await client.get("/metrics", params={"preset": "last_7d", "group_by": "region"})
+    ).json()["rows"]
+    assert sorted(row["region"] for row in json_rows) == sorted(names)  # JSON is left as it is

@@ -24,6 +24,7 @@ async def test_ready_when_database_and_redis_answer(
         "status": "ready",
         "database": "ok",
         "redis": "ok",
+        "worker_heartbeat": "never",
         "worker_heartbeat_at": None,
         "worker_heartbeat_age_seconds": None,
     }

@@ -49,7 +49,7 @@ async def test_create_returns_201_with_location_and_normalised_fields(
     pet = response.json()
     assert pet["name"] == "Rex"
     assert pet["pet_type"] == "guinea pig"
-    assert response.headers["location"] == f"http://test/pets/{pet['id']}"
+    assert response.headers["location"] == f"/pets/{pet['id']}"
     created = datetime.fromisoformat(pet["created_at"])
     assert created.tzinfo is not None
     assert before - timedelta(seconds=5) < created < datetime.now(UTC) + timedelta(seconds=5)

@@ -1,0 +1,86 @@
+"""Heavy analytics against a real uvicorn: a burst of the heaviest legal questions queues on the
+analytics pool, the excess is turned away with 503 + Retry-After, and pet reads keep answering."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from alembic import command
+from tests.conftest import ROOT, alembic_config_for, redis_url, scratch_database
+from tests.servers import ApiServer
+
+# Every group_by over half a year of 2,000 facts a day: a few seconds each on this machine.
+HEAVIEST = {
+    "start_date": "2026-05-14",
+    "end_date": "2026-11-10",
+    "group_by": [
+        "date", "week", "month", "region", "age_group", "gender", "platform", "placement",
+        "device_type",
+    ],
+    "limit": "1000",
+}  # fmt: skip
+BURST = 12
+
+
+@pytest.fixture(scope="module")
+def loaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A small main pool (4) and two analytics turns, so a burst would starve it without them."""
+    with scratch_database("test_metrics_load") as url:
+        env = {
+            **os.environ,
+            "DATABASE_URL": url,
+            "REDIS_URL": redis_url(),
+            "LOG_LEVEL": "WARNING",
+            "DB_POOL_SIZE": "4",
+            "DB_MAX_OVERFLOW": "0",
+            "DB_POOL_TIMEOUT": "2",
+            "METRICS_MAX_CONCURRENT": "2",
+            "METRICS_QUEUE_SECONDS": "1",
+        }
+        command.upgrade(alembic_config_for(url), "head")
+        seed = [sys.executable, "cli.py", "seed-metrics", "--days", "180", "--rows-per-day"]
+        seed += ["2000", "--end-date", "2026-11-10"]
+        subprocess.run(seed, cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
+        log = tmp_path_factory.mktemp("metrics_load") / "uvicorn.log"
+        with ApiServer(env, Path(log)) as server:
+            yield server.base_url
+
+
+async def test_a_burst_of_the_heaviest_questions_leaves_pet_reads_fast(loaded_server: str) -> None:
+    async with httpx.AsyncClient(base_url=loaded_server, timeout=60) as client:
+        token = (
+            await client.post(
+                "/auth/token", data={"username": "admin", "password": os.environ["ADMIN_PASSWORD"]}
+            )
+        ).json()["access_token"]
+        pet = await client.post(
+            "/pets",
+            json={"name": "Rex", "pet_type": "dog"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        pet_url = pet.headers["location"]
+        burst = [asyncio.create_task(client.get("/metrics", params=HEAVIEST)) for _ in range(BURST)]
+        await asyncio.sleep(0.2)
+        reads: list[tuple[int, float]] = []
+        while not all(task.done() for task in burst):
+            started = time.monotonic()
+            response = await client.get(pet_url)
+            reads.append((response.status_code, time.monotonic() - started))
+            await asyncio.sleep(0.05)
+        answers = [task.result() for task in burst]
+
+    statuses = sorted(answer.status_code for answer in answers)
+    assert set(statuses) <= {200, 503}, statuses
+    assert statuses.count(200) >= 2, statuses  # the turns there are were used
+    assert all(a.headers.get("retry-after") for a in answers if a.status_code == 503)
+    assert len(reads) >= 10
+    assert {status for status, _ in reads} == {200}, reads
+    slowest = max(seconds for _, seconds in reads)
+    assert slowest < 1.0, f"slowest pet read {slowest:.2f} s during the burst"
