@@ -407,6 +407,16 @@ IfMatch = Annotated[
 ETAG_HEADER = {"ETag": {"description": "The pet's version", "schema": {"type": "string"}}}
 
 
+async def if_match_versions(pet_id: PetId, if_match: IfMatch = None) -> list[int] | None:
+    return versions_named(if_match, pet_id)
+
+
+PET_WRITE_RESPONSES = {200: {"headers": ETAG_HEADER}, **problems(401, 404, 412, 415, 422, 503)}
+
+# The pet versions a write is conditional on (If-Match); None: unconditional.
+IfMatchVersions = Annotated[list[int] | None, Depends(if_match_versions)]
+
+
 def _decodes(raw: bytes) -> bool:
     try:
         unquote_to_bytes(raw).decode("utf-8")
@@ -538,7 +548,7 @@ async def create_pet(
     "/pets/{pet_id}",
     tags=["pets"],
     response_model=PetPublic,
-    responses={200: {"headers": ETAG_HEADER}, **problems(401, 404, 412, 415, 422, 503)},
+    responses=PET_WRITE_RESPONSES,
     dependencies=[JsonBody],
 )
 async def replace_pet(
@@ -547,10 +557,10 @@ async def replace_pet(
     pet_id: PetId,
     pet: PetCreate,
     response: Response,
-    if_match: IfMatch = None,
+    versions: IfMatchVersions,
 ) -> PetRecord:
     """Replace every field of a pet (only if it still has an ETag in If-Match, when given)."""
-    replaced = await crud.replace_pet(session, pet_id, pet, versions_named(if_match, pet_id))
+    replaced = await crud.replace_pet(session, pet_id, pet, versions)
     response.headers["ETag"] = etag_of(replaced)
     return replaced
 
@@ -559,7 +569,7 @@ async def replace_pet(
     "/pets/{pet_id}",
     tags=["pets"],
     response_model=PetPublic,
-    responses={200: {"headers": ETAG_HEADER}, **problems(401, 404, 412, 415, 422, 503)},
+    responses=PET_WRITE_RESPONSES,
     dependencies=[JsonBody],
 )
 async def patch_pet(
@@ -568,10 +578,10 @@ async def patch_pet(
     pet_id: PetId,
     changes: PetUpdate,
     response: Response,
-    if_match: IfMatch = None,
+    versions: IfMatchVersions,
 ) -> PetRecord:
     """Change some fields of a pet (only if it still has an ETag in If-Match, when given)."""
-    patched = await crud.patch_pet(session, pet_id, changes, versions_named(if_match, pet_id))
+    patched = await crud.patch_pet(session, pet_id, changes, versions)
     response.headers["ETag"] = etag_of(patched)
     return patched
 
@@ -584,10 +594,10 @@ async def patch_pet(
     responses=problems(401, 404, 412, 422, 503),
 )
 async def delete_pet(
-    session: SessionDep, user: CurrentUser, pet_id: PetId, if_match: IfMatch = None
+    session: SessionDep, user: CurrentUser, pet_id: PetId, versions: IfMatchVersions
 ) -> None:
     """Remove a pet (only if it still has an ETag in If-Match, when given)."""
-    await crud.delete_pet(session, pet_id, versions_named(if_match, pet_id))
+    await crud.delete_pet(session, pet_id, versions)
 
 
 def utc_today() -> date:
