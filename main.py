@@ -57,8 +57,8 @@ from models import (
     DIMENSIONS,
     INT32_MAX,
     METRICS,
+    PASSWORD_MAX_LENGTH,
     PATTERN_MESSAGES,
-    USERNAME_PATTERN,
     DimensionList,
     DimensionValues,
     Health,
@@ -73,6 +73,7 @@ from models import (
     ProblemItem,
     Readiness,
     Token,
+    Username,
     date_id_of,
 )
 from settings import HEARTBEAT_KEY, Settings, configure_logging, get_settings
@@ -337,11 +338,12 @@ router = APIRouter(dependencies=[Depends(check_query_parameters)])
 async def issue_access_token(
     request: Request,
     session: SessionDep,
-    username: Annotated[str, Form(min_length=1, max_length=64, pattern=USERNAME_PATTERN)],
-    password: Annotated[str, Form(min_length=1, max_length=1024)],
+    username: Annotated[Username, Form()],
+    password: Annotated[str, Form(min_length=1, max_length=PASSWORD_MAX_LENGTH)],
     grant_type: Annotated[Literal["password"] | None, Form()] = None,
 ) -> Token:
-    """Exchange a username and password (OAuth2 password flow) for a bearer token.
+    """Exchange a username (case-insensitive) and password (OAuth2 password flow) for a bearer
+    token.
 
     Failed logins are limited per username and per client address (429 with Retry-After)."""
     settings: Settings = request.app.state.settings
