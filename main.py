@@ -27,13 +27,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import crud
 from auth import (
+    ClientAddress,
     CurrentUser,
-    authenticate,
-    check_login_allowed,
+    LoginGuardDep,
+    create_login_guard,
     dummy_hash,
     hash_password,
     issue_token,
-    record_login,
+    log_in,
 )
 from db import (
     ConnectionDep,
@@ -48,7 +49,6 @@ from errors import (
     InvalidParameters,
     NotFound,
     ServiceError,
-    Unauthorized,
     Unavailable,
     UnsupportedMediaType,
     classify_db_error,
@@ -126,6 +126,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.read_engine = autocommit(engine)
     app.state.dimension_names = crud.NameCache()
     app.state.redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
+    app.state.login_guard = create_login_guard(settings, app.state.redis, app.state.read_engine)
     # Warm the timing-equaliser hash now rather than on the first unknown-user login.
     await asyncio.to_thread(dummy_hash)
     provisioning: asyncio.Task[None] | None = None
@@ -336,8 +337,8 @@ router = APIRouter(dependencies=[Depends(check_query_parameters)])
 
 @router.post("/auth/token", tags=["auth"], responses=problems(401, 422, 429, 503))
 async def issue_access_token(
-    request: Request,
-    session: SessionDep,
+    guard: LoginGuardDep,
+    client: ClientAddress,
     username: Annotated[Username, Form()],
     password: Annotated[str, Form(min_length=1, max_length=PASSWORD_MAX_LENGTH)],
     grant_type: Annotated[Literal["password"] | None, Form()] = None,
@@ -345,16 +346,11 @@ async def issue_access_token(
     """Exchange a username (case-insensitive) and password (OAuth2 password flow) for a bearer
     token.
 
-    Failed logins are limited per username and per client address (429 with Retry-After)."""
-    settings: Settings = request.app.state.settings
-    redis: Redis = request.app.state.redis
-    client = request.client.host if request.client else "unknown"
-    await check_login_allowed(redis, settings, username, client)
-    user = await authenticate(session, username, password)
-    await record_login(redis, settings, username, client, succeeded=user is not None)
-    if user is None:
-        raise Unauthorized("Incorrect username or password.")
-    return issue_token(user, settings)
+    Attempts are limited per username from one client address, per client address and per
+    username (429 with Retry-After); a success does not count. 503 with Retry-After when too
+    many passwords are being checked at once."""
+    user = await log_in(guard, username, password, client)
+    return issue_token(user, guard.settings)
 
 
 @router.get("/pets", tags=["pets"], responses=problems(422, 503))

@@ -46,12 +46,25 @@ class Settings(BaseSettings):
     DB_CONNECT_TIMEOUT: float = Field(default=5.0, gt=0)
     # Server-side statement_timeout for the service's sessions (migrations are not bound by it).
     DB_STATEMENT_TIMEOUT_MS: int = Field(default=15_000, ge=0)
-    # Failed logins allowed per username and per client address within the window; then 429.
-    LOGIN_MAX_FAILURES_PER_USER: int = Field(default=5, ge=1)
-    LOGIN_MAX_FAILURES_PER_CLIENT: int = Field(default=20, ge=1)
+    # The window of the login throttle's counters (below), from an address's or a username's
+    # first counted attempt.
     LOGIN_FAILURE_WINDOW_SECONDS: int = Field(default=300, ge=1)
     # The longest date range GET /metrics answers (three years).
     METRICS_MAX_SPAN_DAYS: int = Field(default=3 * 365 + 1, ge=1)
+    # Login throttle: each attempt is reserved on three counters before its password is checked
+    # (429 when one is full); a success gives its reservation back, a failure stays counted.
+    # Per username from one client address: what stops guessing at one account.
+    LOGIN_LIMIT_PER_USER_AND_CLIENT: int = Field(default=5, ge=1)
+    # Per client address over every username: what stops one address trying many accounts.
+    LOGIN_LIMIT_PER_CLIENT: int = Field(default=20, ge=1)
+    # Per username over every address: caps a distributed guesser. High, so that locking a user
+    # out takes failures from at least LIMIT_PER_USER / LIMIT_PER_USER_AND_CLIENT addresses.
+    LOGIN_LIMIT_PER_USER: int = Field(default=100, ge=1)
+    # Password verifications (argon2: about 0.15 s of one core and 64 MiB each) run at most this
+    # many at once per process, so a flood of logins cannot take every core from other requests.
+    LOGIN_MAX_CONCURRENT_HASHES: int = Field(default=2, ge=1)
+    # Seconds a login waits for a verification slot before it is answered 503 + Retry-After.
+    LOGIN_HASH_WAIT_SECONDS: float = Field(default=1.0, gt=0)
 
     @field_validator("DATABASE_URL")
     @classmethod

@@ -1,13 +1,19 @@
-"""Tokens, the bearer dependency, the admin account, `cli.py create-user` and secret settings."""
+"""Logins and their throttle, tokens, the bearer dependency, the admin account, `cli.py
+create-user` and the settings production refuses."""
 
+import asyncio
+import time
 import warnings
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import jwt
 import pytest
+from fastapi import FastAPI
 from jwt.warnings import InsecureKeyLengthWarning
 from pydantic import ValidationError
 from sqlalchemy import text
@@ -17,7 +23,14 @@ import auth
 import crud
 from main import provision_admin
 from settings import PLACEHOLDER_ADMIN_PASSWORD, PLACEHOLDER_JWT_SECRET, Settings
-from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, JWT_SECRET, make_settings, run_cli
+from tests.conftest import (
+    ADMIN_PASSWORD,
+    ADMIN_USERNAME,
+    JWT_SECRET,
+    client_for,
+    make_settings,
+    run_cli,
+)
 
 
 async def login(client: httpx.AsyncClient, username: str, password: str) -> httpx.Response:
@@ -55,10 +68,7 @@ async def test_token_opens_writes(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize(
     ("username", "password"),
-    [
-        (ADMIN_USERNAME, "wrong-password"),
-        ("nobody", ADMIN_PASSWORD),
-    ],
+    [(ADMIN_USERNAME, "wrong-password"), ("nobody", ADMIN_PASSWORD)],
 )
 async def test_login_with_bad_credentials_is_401(
     client: httpx.AsyncClient, username: str, password: str
@@ -104,35 +114,34 @@ async def test_login_rejects_malformed_forms(
     assert response.json()["errors"]
 
 
-async def test_failed_logins_per_username_are_limited(client: httpx.AsyncClient) -> None:
-    for _ in range(5):
-        assert (await login(client, ADMIN_USERNAME, "wrong-password")).status_code == 401
-    blocked = await login(client, ADMIN_USERNAME, ADMIN_PASSWORD)
-    assert blocked.status_code == 429
-    assert blocked.headers["content-type"] == "application/problem+json"
-    assert 0 < int(blocked.headers["retry-after"]) <= 300
-    # Another account from the same client is not locked out by this one's failures.
-    assert (await login(client, "someone-else", "wrong-password")).status_code == 401
+# --- throttling --------------------------------------------------------------------------------
 
 
-async def test_failed_logins_per_client_are_limited(client: httpx.AsyncClient) -> None:
-    for number in range(20):
-        assert (await login(client, f"guess{number}", "wrong-password")).status_code == 401
-    blocked = await login(client, ADMIN_USERNAME, ADMIN_PASSWORD)
-    assert blocked.status_code == 429
-    assert int(blocked.headers["retry-after"]) > 0
+def from_address(app: FastAPI, address: str) -> httpx.AsyncClient:
+    """A client whose requests come from that address (what the throttle counts by)."""
+    return client_for(app, client=(address, 1234))
 
 
-async def test_a_successful_login_clears_the_username_count(client: httpx.AsyncClient) -> None:
-    for _ in range(2):
-        for _ in range(4):
-            assert (await login(client, ADMIN_USERNAME, "wrong-password")).status_code == 401
-        assert (await login(client, ADMIN_USERNAME, ADMIN_PASSWORD)).status_code == 200
+@pytest.fixture
+def login_settings(app: FastAPI) -> Iterator[Callable[..., None]]:
+    """Run this test's logins with some settings changed (and `slots` concurrent verifications).
+    By default a login waits up to 30 s for a verification slot, so that a loaded machine cannot
+    turn an expected 401 into a 503."""
+    guard: auth.LoginGuard = app.state.login_guard
+
+    def use(slots: int | None = None, **overrides: object) -> None:
+        settings = guard.settings.model_copy(update={"LOGIN_HASH_WAIT_SECONDS": 30, **overrides})
+        semaphore = guard.verification_slots if slots is None else asyncio.Semaphore(slots)
+        app.state.login_guard = replace(guard, settings=settings, verification_slots=semaphore)
+
+    use()
+    yield use
+    app.state.login_guard = guard
 
 
-async def test_unknown_user_costs_one_hash_verification_like_a_wrong_password(
-    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The hashes every password verification from now on was checked against."""
     calls: list[str] = []
     real_verify = auth.password_hasher.verify
 
@@ -141,11 +150,163 @@ async def test_unknown_user_costs_one_hash_verification_like_a_wrong_password(
         return real_verify(password, password_hash)
 
     monkeypatch.setattr(auth.password_hasher, "verify", counting_verify)
+    return calls
+
+
+def statuses(responses: list[httpx.Response]) -> Counter[int]:
+    return Counter(response.status_code for response in responses)
+
+
+async def counters(app: FastAPI, username: str, client: str) -> list[int]:
+    """The throttle's counts: this username from this client, this client, this username."""
+    values = await app.state.redis.mget(auth.login_counter_keys(username, client))
+    return [int(value or 0) for value in values]
+
+
+@pytest.mark.usefixtures("client", "login_settings")
+async def test_concurrent_wrong_passwords_check_at_most_the_limit(
+    app: FastAPI, verifications: list[str]
+) -> None:
+    async with from_address(app, "10.0.0.1") as attacker:
+        responses = await asyncio.gather(
+            *(login(attacker, ADMIN_USERNAME, f"guess-{n}") for n in range(60))
+        )
+    assert statuses(responses) == {401: 5, 429: 55}
+    assert len(verifications) == 5
+
+
+@pytest.mark.usefixtures("client", "login_settings")
+async def test_throttled_login_is_429_problem_with_retry_after(app: FastAPI) -> None:
+    async with from_address(app, "10.0.0.1") as attacker:
+        for _ in range(5):
+            assert (await login(attacker, ADMIN_USERNAME, "wrong-password")).status_code == 401
+        blocked = await login(attacker, ADMIN_USERNAME, ADMIN_PASSWORD)
+        # Another account from the same client is not locked out by this one's failures.
+        assert (await login(attacker, "someone-else", "wrong-password")).status_code == 401
+    assert blocked.status_code == 429
+    assert blocked.headers["content-type"] == "application/problem+json"
+    assert 0 < int(blocked.headers["retry-after"]) <= 300
+    assert await counters(app, ADMIN_USERNAME, "10.0.0.1") == [5, 6, 5], "a 429 counts nothing"
+
+
+@pytest.mark.usefixtures("client", "login_settings")
+async def test_wrong_guesses_from_one_client_do_not_lock_the_user_out_from_another(
+    app: FastAPI,
+) -> None:
+    async with from_address(app, "10.0.0.1") as attacker:
+        guesses = await asyncio.gather(
+            *(login(attacker, ADMIN_USERNAME, f"guess-{n}") for n in range(10))
+        )
+    assert statuses(guesses) == {401: 5, 429: 5}
+    async with from_address(app, "10.0.0.2") as owner:
+        assert (await login(owner, ADMIN_USERNAME, ADMIN_PASSWORD)).status_code == 200
+
+
+@pytest.mark.usefixtures("client", "login_settings")
+async def test_one_client_is_capped_across_usernames(
+    app: FastAPI, verifications: list[str]
+) -> None:
+    async with from_address(app, "10.0.0.1") as sprayer:
+        responses = await asyncio.gather(
+            *(login(sprayer, f"user-{n}", "wrong-password") for n in range(40))
+        )
+        assert statuses(responses) == {401: 20, 429: 20}
+        assert len(verifications) == 20
+        blocked = await login(sprayer, ADMIN_USERNAME, ADMIN_PASSWORD)
+        assert blocked.status_code == 429
+        assert int(blocked.headers["retry-after"]) > 0
+    async with from_address(app, "10.0.0.2") as other:
+        assert (await login(other, ADMIN_USERNAME, ADMIN_PASSWORD)).status_code == 200
+
+
+@pytest.mark.usefixtures("client")
+async def test_one_username_is_capped_across_clients(
+    app: FastAPI, login_settings: Callable[..., None], verifications: list[str]
+) -> None:
+    login_settings(LOGIN_LIMIT_PER_USER=8)
+    clients = [from_address(app, f"10.0.1.{n}") for n in range(30)]
+    try:
+        responses = await asyncio.gather(
+            *(login(http, ADMIN_USERNAME, "wrong-password") for http in clients)
+        )
+    finally:
+        await asyncio.gather(*(http.aclose() for http in clients))
+    assert statuses(responses) == {401: 8, 429: 22}
+    assert len(verifications) == 8
+    async with from_address(app, "10.0.2.1") as newcomer:
+        capped = await login(newcomer, ADMIN_USERNAME, ADMIN_PASSWORD)
+        assert capped.status_code == 429
+        assert int(capped.headers["retry-after"]) > 0
+        assert (await login(newcomer, "someone-else", "wrong-password")).status_code == 401
+
+
+@pytest.mark.usefixtures("client")
+async def test_a_successful_login_gives_back_its_reservation(
+    app: FastAPI, login_settings: Callable[..., None]
+) -> None:
+    login_settings(LOGIN_LIMIT_PER_CLIENT=5)
+    async with from_address(app, "10.0.0.1") as http:
+        for _ in range(3):
+            assert (await login(http, ADMIN_USERNAME, "wrong-password")).status_code == 401
+        assert (await login(http, ADMIN_USERNAME, ADMIN_PASSWORD)).status_code == 200
+        # This username from this client starts afresh; the client's and the username's own
+        # counts keep the three failures but not the success.
+        assert await counters(app, ADMIN_USERNAME, "10.0.0.1") == [0, 3, 3]
+        # So a user who logs in more often than a limit is never capped by their successes.
+        for _ in range(6):
+            assert (await login(http, ADMIN_USERNAME, ADMIN_PASSWORD)).status_code == 200
+        assert await counters(app, ADMIN_USERNAME, "10.0.0.1") == [0, 3, 3]
+
+
+@pytest.mark.usefixtures("client")
+async def test_a_login_without_a_free_verification_slot_is_503_and_costs_nothing(
+    app: FastAPI, login_settings: Callable[..., None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    login_settings(slots=1, LOGIN_HASH_WAIT_SECONDS=0.2)
+    real_verify = auth.password_hasher.verify
+
+    def slow_verify(password: str, password_hash: str) -> bool:
+        time.sleep(1.0)  # in the hashing thread: holds the one slot for a second
+        return real_verify(password, password_hash)
+
+    monkeypatch.setattr(auth.password_hasher, "verify", slow_verify)
+    async with from_address(app, "10.0.0.1") as first, from_address(app, "10.0.0.2") as second:
+        checked = asyncio.create_task(login(first, ADMIN_USERNAME, "wrong-password"))
+        await asyncio.sleep(0.1)
+        turned_away = await login(second, ADMIN_USERNAME, "wrong-password")
+        assert (await checked).status_code == 401
+    assert turned_away.status_code == 503
+    assert int(turned_away.headers["retry-after"]) > 0
+    assert await counters(app, ADMIN_USERNAME, "10.0.0.2") == [0, 0, 1], "only the 401 counts"
+
+
+@pytest.mark.usefixtures("login_settings")
+async def test_a_login_holds_no_pooled_connection_while_verifying(
+    app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = app.state.engine.sync_engine.pool
+    in_use: list[int] = []
+    real_verify = auth.password_hasher.verify
+
+    def watching_verify(password: str, password_hash: str) -> bool:
+        in_use.append(pool.checkedout())
+        return real_verify(password, password_hash)
+
+    monkeypatch.setattr(auth.password_hasher, "verify", watching_verify)
+    assert (await login(client, ADMIN_USERNAME, "wrong-password")).status_code == 401
+    assert (await login(client, "nobody", "wrong-password")).status_code == 401
+    assert (await login(client, ADMIN_USERNAME, ADMIN_PASSWORD)).status_code == 200
+    assert in_use == [0, 0, 0]
+
+
+async def test_unknown_user_costs_one_hash_verification_like_a_wrong_password(
+    client: httpx.AsyncClient, verifications: list[str]
+) -> None:
     assert (await login(client, "nobody", "wrong-password")).status_code == 401
     assert (await login(client, ADMIN_USERNAME, "wrong-password")).status_code == 401
-    assert len(calls) == 2
+    assert len(verifications) == 2
     # Both are full argon2 verifications with the same parameters.
-    assert calls[0].rsplit("$", 2)[0] == calls[1].rsplit("$", 2)[0]
+    assert verifications[0].rsplit("$", 2)[0] == verifications[1].rsplit("$", 2)[0]
 
 
 def forge(claims: dict[str, Any], key: str = JWT_SECRET, algorithm: str = "HS256") -> str:
@@ -212,12 +373,12 @@ async def test_other_authorization_schemes_are_401(client: httpx.AsyncClient, he
     assert response.headers["www-authenticate"].startswith("Bearer")
 
 
-async def test_admin_is_provisioned_but_never_overwritten(settings: Settings, app: Any) -> None:
+async def test_admin_is_provisioned_but_never_overwritten(settings: Settings, app: FastAPI) -> None:
     changed = make_settings(settings.DATABASE_URL, ADMIN_PASSWORD="a-different-password")
     await provision_admin(changed, app.state.sessionmaker)
-    async with app.state.sessionmaker() as session:
-        assert await auth.authenticate(session, ADMIN_USERNAME, ADMIN_PASSWORD) is not None
-        assert await auth.authenticate(session, ADMIN_USERNAME, "a-different-password") is None
+    guard = app.state.login_guard
+    assert await auth.authenticate(guard, ADMIN_USERNAME, ADMIN_PASSWORD) is not None
+    assert await auth.authenticate(guard, ADMIN_USERNAME, "a-different-password") is None
 
 
 async def test_cli_create_user_adds_a_user_who_can_log_in(
