@@ -21,7 +21,7 @@ import crud
 from db import SessionDep
 from errors import TooManyRequests, Unauthorized, Unavailable
 from models import INT32_MAX, Token, User
-from settings import Settings
+from settings import PLACEHOLDER_ADMIN_PASSWORD, Settings
 
 ALGORITHM = "HS256"
 
@@ -171,6 +171,9 @@ async def verification_slot(guard: LoginGuard) -> AsyncIterator[None]:
 async def authenticate(guard: LoginGuard, username: str, password: str) -> User | None:
     """The user, if the password is theirs. The user is looked up on a connection that goes back
     to the pool before the password is hashed: no pooled connection waits on the hash."""
+    if guard.settings.ENVIRONMENT != "development" and password == PLACEHOLDER_ADMIN_PASSWORD:
+        # Whichever account still has it (an admin made before ADMIN_PASSWORD was set, say).
+        return None
     async with guard.read_engine.connect() as connection:
         user = await crud.get_user_by_username(connection, username)
     async with verification_slot(guard):
@@ -194,6 +197,11 @@ async def log_in(guard: LoginGuard, username: str, password: str, client: str) -
         raise Unauthorized("Incorrect username or password.")
     await release_login_attempt(guard, keys, succeeded=True)
     return user
+
+
+async def has_placeholder_password(user: User) -> bool:
+    """Whether the account still opens with the development placeholder password."""
+    return await verify_password(PLACEHOLDER_ADMIN_PASSWORD, user.password_hash)
 
 
 def issue_token(user: User, settings: Settings, now: datetime | None = None) -> Token:

@@ -4,6 +4,8 @@ import asyncio
 import csv
 import io
 import logging
+import os
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -32,6 +34,7 @@ from auth import (
     LoginGuardDep,
     create_login_guard,
     dummy_hash,
+    has_placeholder_password,
     hash_password,
     issue_token,
     log_in,
@@ -92,25 +95,49 @@ PetId = Annotated[int, Path(ge=1, le=INT32_MAX, description="The pet's id.")]
 # --- start-up and shutdown -------------------------------------------------------------------
 
 
+class PlaceholderAdminPassword(RuntimeError):
+    """Outside development, the admin account still opens with the placeholder password."""
+
+
 async def provision_admin(settings: Settings, sessionmaker: SessionMaker) -> None:
-    """Create the configured admin account if it is missing; an existing one is left as it is."""
+    """Create the configured admin account if it is missing; an existing one is left as it is,
+    but outside development it must not still have the placeholder password (an account made
+    before ADMIN_PASSWORD was set is never overwritten by it)."""
     async with sessionmaker() as session:
-        if await crud.get_user_by_username(session, settings.ADMIN_USERNAME) is not None:
-            return
-        password_hash = await hash_password(settings.ADMIN_PASSWORD.get_secret_value())
+        admin = await crud.get_user_by_username(session, settings.ADMIN_USERNAME)
+    if admin is not None:
+        if settings.ENVIRONMENT != "development" and await has_placeholder_password(admin):
+            raise PlaceholderAdminPassword(
+                f"the admin account {admin.username!r} still has the development placeholder"
+                " password; give it a real one (e.g. delete the account so that start-up"
+                " creates it again with ADMIN_PASSWORD)"
+            )
+        return
+    password_hash = await hash_password(settings.ADMIN_PASSWORD.get_secret_value())
+    async with sessionmaker() as session:
         if await crud.add_user_if_missing(session, settings.ADMIN_USERNAME, password_hash):
             log.info("created admin user %r", settings.ADMIN_USERNAME)
 
 
+def stop_this_process() -> None:
+    """Shut down as `docker stop` would: requests under way finish, then the process exits."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def keep_provisioning_admin(settings: Settings, sessionmaker: SessionMaker) -> None:
-    """Retry with backoff until the database (and its schema) is there."""
+    """Retry with backoff until the database (and its schema) is there. The API is serving by
+    then, so an admin account that turns out to have the placeholder password stops it."""
     delay = 1.0
     while True:
         await asyncio.sleep(delay)
         try:
             await provision_admin(settings, sessionmaker)
             return
-        except Exception as error:  # noqa: BLE001 - any failure here is retried, never fatal
+        except PlaceholderAdminPassword as error:
+            log.critical("refusing to serve, stopping: %s", error)
+            stop_this_process()
+            return
+        except Exception as error:  # noqa: BLE001 - any other failure here is retried
             delay = min(delay * 2, 30.0)
             log.warning("admin user not provisioned yet (%s); retrying in %.0f s", error, delay)
 
@@ -127,17 +154,20 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.dimension_names = crud.NameCache()
     app.state.redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
     app.state.login_guard = create_login_guard(settings, app.state.redis, app.state.read_engine)
-    # Warm the timing-equaliser hash now rather than on the first unknown-user login.
-    await asyncio.to_thread(dummy_hash)
     provisioning: asyncio.Task[None] | None = None
     try:
-        await provision_admin(settings, app.state.sessionmaker)
-    except Exception as error:  # noqa: BLE001 - the API serves reads (and /ready) meanwhile
-        log.warning("admin user not provisioned (%s); retrying in the background", error)
-        provisioning = asyncio.create_task(
-            keep_provisioning_admin(settings, app.state.sessionmaker)
-        )
-    try:
+        # Warm the timing-equaliser hash now rather than on the first unknown-user login.
+        await asyncio.to_thread(dummy_hash)
+        try:
+            await provision_admin(settings, app.state.sessionmaker)
+        except PlaceholderAdminPassword as error:
+            log.critical("refusing to start: %s", error)
+            raise
+        except Exception as error:  # noqa: BLE001 - the API serves reads (and /ready) meanwhile
+            log.warning("admin user not provisioned (%s); retrying in the background", error)
+            provisioning = asyncio.create_task(
+                keep_provisioning_admin(settings, app.state.sessionmaker)
+            )
         yield
     finally:
         if provisioning is not None:

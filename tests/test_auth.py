@@ -2,10 +2,11 @@
 create-user` and the settings production refuses."""
 
 import asyncio
+import logging
 import time
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -13,6 +14,7 @@ from typing import Any
 import httpx
 import jwt
 import pytest
+from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from jwt.warnings import InsecureKeyLengthWarning
 from pydantic import ValidationError
@@ -21,7 +23,8 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 import auth
 import crud
-from main import provision_admin
+import main
+from main import PlaceholderAdminPassword, create_app, provision_admin
 from settings import PLACEHOLDER_ADMIN_PASSWORD, PLACEHOLDER_JWT_SECRET, Settings
 from tests.conftest import (
     ADMIN_PASSWORD,
@@ -478,6 +481,68 @@ def test_development_accepts_the_placeholders() -> None:
 def test_short_secret_is_refused_even_in_development() -> None:
     with pytest.raises(ValidationError, match="32 bytes"):
         Settings(ENVIRONMENT="development", JWT_SECRET="too-short")
+
+
+# --- an admin account that still has the placeholder password ----------------------------------
+
+LEGACY_ADMIN = "legacy-admin"
+
+
+@pytest.fixture
+async def placeholder_admin(settings: Settings, session: AsyncSession) -> AsyncIterator[Settings]:
+    """An account made with the placeholder password (as `docker compose up` made `admin`
+    before ADMIN_PASSWORD was set), and the test settings naming it as the admin."""
+    password_hash = await auth.hash_password(PLACEHOLDER_ADMIN_PASSWORD)
+    assert await crud.add_user_if_missing(session, LEGACY_ADMIN, password_hash) is not None
+    try:
+        yield make_settings(settings.DATABASE_URL, ADMIN_USERNAME=LEGACY_ADMIN)
+    finally:
+        await session.exec(text(f"DELETE FROM \"user\" WHERE username = '{LEGACY_ADMIN}'"))  # type: ignore[call-overload]
+        await session.commit()
+
+
+async def test_an_admin_with_the_placeholder_password_stops_start_up(
+    placeholder_admin: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(PlaceholderAdminPassword, match="still has the development placeholder"):
+        async with LifespanManager(create_app(placeholder_admin)):
+            pass
+    refusal = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(refusal) == 1
+    assert refusal[0].getMessage().startswith("refusing to start: the admin account")
+
+
+async def test_development_starts_with_a_placeholder_admin(placeholder_admin: Settings) -> None:
+    development = placeholder_admin.model_copy(update={"ENVIRONMENT": "development"})
+    application = create_app(development)
+    async with LifespanManager(application), client_for(application) as http:
+        # Development is the one place the placeholder still opens the account.
+        assert (await login(http, LEGACY_ADMIN, PLACEHOLDER_ADMIN_PASSWORD)).status_code == 200
+
+
+async def test_provisioning_after_an_outage_stops_the_api_for_a_placeholder_admin(
+    placeholder_admin: Settings,
+    app: FastAPI,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the database was down at start-up, the background retry finds the account later,
+    while the API is serving: it stops the process (SIGTERM to itself, stubbed here)."""
+    stopped: list[bool] = []
+    monkeypatch.setattr(main, "stop_this_process", lambda: stopped.append(True))
+    async with asyncio.timeout(10):
+        await main.keep_provisioning_admin(placeholder_admin, app.state.sessionmaker)
+    assert stopped == [True]
+    assert "refusing to serve, stopping: the admin account 'legacy-admin'" in caplog.text
+
+
+@pytest.mark.usefixtures("placeholder_admin")
+async def test_the_placeholder_password_never_logs_in_outside_development(
+    client: httpx.AsyncClient, verifications: list[str]
+) -> None:
+    response = await login(client, LEGACY_ADMIN, PLACEHOLDER_ADMIN_PASSWORD)
+    assert response.status_code == 401
+    assert verifications == [], "refused before any hash is checked"
 
 
 @pytest.mark.usefixtures("no_settings_env")
