@@ -185,12 +185,13 @@ async def authenticate(guard: LoginGuard, username: str, password: str) -> User 
 
 async def log_in(guard: LoginGuard, username: str, password: str, client: str) -> User:
     """The user these credentials belong to; 401 if they belong to none, 429 while a throttle
-    counter is full, 503 when no verification slot frees up in time (which costs no attempt)."""
+    counter is full. A login that could not be judged (no verification slot in time: 503; the
+    database failing) costs no attempt."""
     keys = login_counter_keys(username, client)
     await reserve_login_attempt(guard, keys)
     try:
         user = await authenticate(guard, username, password)
-    except Unavailable:
+    except Exception:
         await release_login_attempt(guard, keys, succeeded=False)
         raise
     if user is None:

@@ -283,6 +283,20 @@ async def test_a_login_without_a_free_verification_slot_is_503_and_costs_nothing
     assert await counters(app, ADMIN_USERNAME, "10.0.0.2") == [0, 0, 1], "only the 401 counts"
 
 
+@pytest.mark.usefixtures("client")
+async def test_a_login_the_database_fails_costs_no_attempt(
+    app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unreachable(*args: object) -> None:
+        raise ConnectionRefusedError("the database is down")
+
+    monkeypatch.setattr(crud, "get_user_by_username", unreachable)
+    async with from_address(app, "10.0.0.1") as http:
+        response = await login(http, ADMIN_USERNAME, ADMIN_PASSWORD)
+    assert response.status_code == 503
+    assert await counters(app, ADMIN_USERNAME, "10.0.0.1") == [0, 0, 0]
+
+
 @pytest.mark.usefixtures("login_settings")
 async def test_a_login_holds_no_pooled_connection_while_verifying(
     app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
