@@ -1,6 +1,9 @@
-"""Password hashing, access tokens, and the `CurrentUser` dependency for writes."""
+"""Password hashing, login throttling, access tokens, and the `CurrentUser` dependency."""
 
 import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import Annotated
@@ -11,13 +14,14 @@ from fastapi.security import OAuth2PasswordBearer
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 from redis.asyncio import Redis
-from sqlmodel.ext.asyncio.session import AsyncSession
+from redis.commands.core import AsyncScript
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 import crud
 from db import SessionDep
-from errors import TooManyRequests, Unauthorized
+from errors import TooManyRequests, Unauthorized, Unavailable
 from models import INT32_MAX, Token, User
-from settings import Settings
+from settings import PLACEHOLDER_ADMIN_PASSWORD, Settings
 
 ALGORITHM = "HS256"
 
@@ -42,44 +46,163 @@ def dummy_hash() -> str:
     return password_hasher.hash("no user has this password")
 
 
-async def authenticate(session: AsyncSession, username: str, password: str) -> User | None:
-    user = await crud.get_user_by_username(session, username)
-    if user is None:
-        await verify_password(password, dummy_hash())
+# Login throttle. An attempt is reserved on three counters before its password is checked, in
+# one step, so that N concurrent guesses check at most the limit; a refused attempt changes
+# nothing. KEYS: the counters; ARGV: each counter's limit, then the window in seconds. Returns 0
+# when reserved, else the seconds until every full counter has room again (at least 1).
+RESERVE_LOGIN_ATTEMPT = """
+local window = tonumber(ARGV[#KEYS + 1])
+local wait = 0
+for i, key in ipairs(KEYS) do
+  if tonumber(redis.call('GET', key) or '0') >= tonumber(ARGV[i]) then
+    local ttl = redis.call('TTL', key)
+    if ttl < 0 then
+      redis.call('EXPIRE', key, window)
+      ttl = window
+    end
+    wait = math.max(wait, ttl, 1)
+  end
+end
+if wait > 0 then
+  return wait
+end
+for _, key in ipairs(KEYS) do
+  redis.call('INCR', key)
+  if redis.call('TTL', key) < 0 then
+    redis.call('EXPIRE', key, window)
+  end
+end
+return 0
+"""
+# Gives a reservation back: after a success (ARGV[1] = 1) the first counter, this username from
+# this client, is cleared, so its owner is not held to failures that preceded it; after a login
+# that was never checked (ARGV[1] = 0) every counter only loses this attempt. A counter whose
+# window has ended meanwhile is not brought back.
+RELEASE_LOGIN_ATTEMPT = """
+for i, key in ipairs(KEYS) do
+  if i == 1 and ARGV[1] == '1' then
+    redis.call('DEL', key)
+  elseif tonumber(redis.call('GET', key) or '0') > 0 then
+    redis.call('DECR', key)
+  end
+end
+return 0
+"""
+
+
+@dataclass(frozen=True)
+class LoginGuard:
+    """What every login shares, made once in the lifespan: the settings, the throttle's Redis
+    scripts, the slots that bound concurrent verifications, and the autocommit engine the user
+    is looked up on."""
+
+    settings: Settings
+    reserve: AsyncScript
+    release: AsyncScript
+    verification_slots: asyncio.Semaphore
+    read_engine: AsyncEngine
+
+
+def create_login_guard(settings: Settings, redis: Redis, read_engine: AsyncEngine) -> LoginGuard:
+    return LoginGuard(
+        settings=settings,
+        reserve=redis.register_script(RESERVE_LOGIN_ATTEMPT),
+        release=redis.register_script(RELEASE_LOGIN_ATTEMPT),
+        verification_slots=asyncio.Semaphore(settings.LOGIN_MAX_CONCURRENT_HASHES),
+        read_engine=read_engine,
+    )
+
+
+def login_guard(request: Request) -> LoginGuard:
+    guard: LoginGuard = request.app.state.login_guard
+    return guard
+
+
+def client_address(request: Request) -> str:
+    # What uvicorn says the peer is (it decides whether proxy headers may change that).
+    return request.client.host if request.client else "unknown"
+
+
+LoginGuardDep = Annotated[LoginGuard, Depends(login_guard)]
+ClientAddress = Annotated[str, Depends(client_address)]
+
+
+def login_counter_keys(username: str, client: str) -> list[str]:
+    """Per username from this client, per client, per username (a username has no ':')."""
+    prefix = "pets:login-attempts"
+    return [
+        f"{prefix}:user-client:{username}:{client}",
+        f"{prefix}:client:{client}",
+        f"{prefix}:user:{username}",
+    ]
+
+
+async def reserve_login_attempt(guard: LoginGuard, keys: list[str]) -> None:
+    """Count this attempt on every counter, or raise 429 (counting nothing) if one is full."""
+    settings = guard.settings
+    limits = (
+        settings.LOGIN_LIMIT_PER_USER_AND_CLIENT,
+        settings.LOGIN_LIMIT_PER_CLIENT,
+        settings.LOGIN_LIMIT_PER_USER,
+    )
+    wait = int(await guard.reserve(keys, [*limits, settings.LOGIN_FAILURE_WINDOW_SECONDS]))
+    if wait > 0:
+        raise TooManyRequests("Too many failed logins; try again later.", retry_after=wait)
+
+
+async def release_login_attempt(guard: LoginGuard, keys: list[str], *, succeeded: bool) -> None:
+    await guard.release(keys, [1 if succeeded else 0])
+
+
+@asynccontextmanager
+async def verification_slot(guard: LoginGuard) -> AsyncIterator[None]:
+    """One of the few concurrent password verifications, or 503 after a short wait."""
+    try:
+        async with asyncio.timeout(guard.settings.LOGIN_HASH_WAIT_SECONDS):
+            await guard.verification_slots.acquire()
+    except TimeoutError:
+        raise Unavailable("Too many logins at once; try again shortly.") from None
+    try:
+        yield
+    finally:
+        guard.verification_slots.release()
+
+
+async def authenticate(guard: LoginGuard, username: str, password: str) -> User | None:
+    """The user, if the password is theirs. The user is looked up on a connection that goes back
+    to the pool before the password is hashed: no pooled connection waits on the hash."""
+    if guard.settings.ENVIRONMENT != "development" and password == PLACEHOLDER_ADMIN_PASSWORD:
+        # Whichever account still has it (an admin made before ADMIN_PASSWORD was set, say).
         return None
-    return user if await verify_password(password, user.password_hash) else None
+    async with guard.read_engine.connect() as connection:
+        user = await crud.get_user_by_username(connection, username)
+    async with verification_slot(guard):
+        if user is None:
+            await verify_password(password, dummy_hash())
+            return None
+        return user if await verify_password(password, user.password_hash) else None
 
 
-def _login_failure_keys(username: str, client: str) -> tuple[str, str]:
-    return f"pets:login-failures:user:{username}", f"pets:login-failures:client:{client}"
+async def log_in(guard: LoginGuard, username: str, password: str, client: str) -> User:
+    """The user these credentials belong to; 401 if they belong to none, 429 while a throttle
+    counter is full. A login that could not be judged (no verification slot in time: 503; the
+    database failing) costs no attempt."""
+    keys = login_counter_keys(username, client)
+    await reserve_login_attempt(guard, keys)
+    try:
+        user = await authenticate(guard, username, password)
+    except Exception:
+        await release_login_attempt(guard, keys, succeeded=False)
+        raise
+    if user is None:
+        raise Unauthorized("Incorrect username or password.")
+    await release_login_attempt(guard, keys, succeeded=True)
+    return user
 
 
-async def check_login_allowed(redis: Redis, settings: Settings, username: str, client: str) -> None:
-    """429 while this username or this client has used up its failed logins for the window."""
-    keys = _login_failure_keys(username, client)
-    limits = (settings.LOGIN_MAX_FAILURES_PER_USER, settings.LOGIN_MAX_FAILURES_PER_CLIENT)
-    counts = await redis.mget(keys)
-    for key, count, limit in zip(keys, counts, limits, strict=True):
-        if count is not None and int(count) >= limit:
-            raise TooManyRequests(
-                "Too many failed logins; try again later.", retry_after=await redis.ttl(key)
-            )
-
-
-async def record_login(
-    redis: Redis, settings: Settings, username: str, client: str, succeeded: bool
-) -> None:
-    """Count a failure against the username and the client (the window starts at the first);
-    a success clears the username's count."""
-    user_key, client_key = _login_failure_keys(username, client)
-    if succeeded:
-        await redis.delete(user_key)
-        return
-    async with redis.pipeline(transaction=True) as pipe:
-        for key in (user_key, client_key):
-            pipe.incr(key)
-            pipe.expire(key, settings.LOGIN_FAILURE_WINDOW_SECONDS, nx=True)
-        await pipe.execute()
+async def has_placeholder_password(user: User) -> bool:
+    """Whether the account still opens with the development placeholder password."""
+    return await verify_password(PLACEHOLDER_ADMIN_PASSWORD, user.password_hash)
 
 
 def issue_token(user: User, settings: Settings, now: datetime | None = None) -> Token:

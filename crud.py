@@ -38,7 +38,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import AddConstraint, DropConstraint
-from sqlmodel import SQLModel, col, delete, select, update
+from sqlmodel import SQLModel, col, delete, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from errors import InvalidParameters, NotFound, PreconditionFailed
@@ -243,9 +243,15 @@ async def get_user(session: AsyncSession, user_id: int) -> User | None:
     return await session.get(User, user_id)
 
 
-async def get_user_by_username(session: AsyncSession, username: str) -> User | None:
-    result = await session.exec(select(User).where(col(User.username) == username))
-    return result.one_or_none()
+USERS = _table(User)
+
+
+async def get_user_by_username(db: Executor, username: str) -> User | None:
+    """The user of that (lower-cased) name; on a bare connection too, so that a login can give
+    its connection back before it hashes the password."""
+    result = await _run(db, core_select(USERS).where(USERS.c.username == username))
+    row = result.mappings().one_or_none()
+    return None if row is None else User.model_validate(row)
 
 
 async def add_user_if_missing(

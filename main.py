@@ -4,6 +4,8 @@ import asyncio
 import csv
 import io
 import logging
+import os
+import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
@@ -28,13 +30,15 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import crud
 from auth import (
+    ClientAddress,
     CurrentUser,
-    authenticate,
-    check_login_allowed,
+    LoginGuardDep,
+    create_login_guard,
     dummy_hash,
+    has_placeholder_password,
     hash_password,
     issue_token,
-    record_login,
+    log_in,
 )
 from db import (
     ConnectionDep,
@@ -52,7 +56,6 @@ from errors import (
     NotAcceptable,
     NotFound,
     ServiceError,
-    Unauthorized,
     Unavailable,
     UnsupportedMediaType,
     classify_db_error,
@@ -62,8 +65,8 @@ from models import (
     DIMENSIONS,
     INT32_MAX,
     METRICS,
+    PASSWORD_MAX_LENGTH,
     PATTERN_MESSAGES,
-    USERNAME_PATTERN,
     DimensionList,
     DimensionValues,
     Health,
@@ -79,6 +82,7 @@ from models import (
     ProblemItem,
     Readiness,
     Token,
+    Username,
     date_id_of,
 )
 from settings import HEARTBEAT_KEY, Settings, configure_logging, get_settings
@@ -97,25 +101,49 @@ PetId = Annotated[int, Path(ge=1, le=INT32_MAX, description="The pet's id.")]
 # --- start-up and shutdown -------------------------------------------------------------------
 
 
+class PlaceholderAdminPassword(RuntimeError):
+    """Outside development, the admin account still opens with the placeholder password."""
+
+
 async def provision_admin(settings: Settings, sessionmaker: SessionMaker) -> None:
-    """Create the configured admin account if it is missing; an existing one is left as it is."""
+    """Create the configured admin account if it is missing; an existing one is left as it is,
+    but outside development it must not still have the placeholder password (an account made
+    before ADMIN_PASSWORD was set is never overwritten by it)."""
     async with sessionmaker() as session:
-        if await crud.get_user_by_username(session, settings.ADMIN_USERNAME) is not None:
-            return
-        password_hash = await hash_password(settings.ADMIN_PASSWORD.get_secret_value())
+        admin = await crud.get_user_by_username(session, settings.ADMIN_USERNAME)
+    if admin is not None:
+        if settings.ENVIRONMENT != "development" and await has_placeholder_password(admin):
+            raise PlaceholderAdminPassword(
+                f"the admin account {admin.username!r} still has the development placeholder"
+                " password; give it a real one (e.g. delete the account so that start-up"
+                " creates it again with ADMIN_PASSWORD)"
+            )
+        return
+    password_hash = await hash_password(settings.ADMIN_PASSWORD.get_secret_value())
+    async with sessionmaker() as session:
         if await crud.add_user_if_missing(session, settings.ADMIN_USERNAME, password_hash):
             log.info("created admin user %r", settings.ADMIN_USERNAME)
 
 
+def stop_this_process() -> None:
+    """Shut down as `docker stop` would: requests under way finish, then the process exits."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 async def keep_provisioning_admin(settings: Settings, sessionmaker: SessionMaker) -> None:
-    """Retry with backoff until the database (and its schema) is there."""
+    """Retry with backoff until the database (and its schema) is there. The API is serving by
+    then, so an admin account that turns out to have the placeholder password stops it."""
     delay = 1.0
     while True:
         await asyncio.sleep(delay)
         try:
             await provision_admin(settings, sessionmaker)
             return
-        except Exception as error:  # noqa: BLE001 - any failure here is retried, never fatal
+        except PlaceholderAdminPassword as error:
+            log.critical("refusing to serve, stopping: %s", error)
+            stop_this_process()
+            return
+        except Exception as error:  # noqa: BLE001 - any other failure here is retried
             delay = min(delay * 2, 30.0)
             log.warning("admin user not provisioned yet (%s); retrying in %.0f s", error, delay)
 
@@ -139,17 +167,21 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.metrics_turns = asyncio.Semaphore(settings.METRICS_MAX_CONCURRENT)
     app.state.dimension_names = crud.NameCache()
     app.state.redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
-    # Warm the timing-equaliser hash now rather than on the first unknown-user login.
-    await asyncio.to_thread(dummy_hash)
+    app.state.login_guard = create_login_guard(settings, app.state.redis, app.state.read_engine)
     provisioning: asyncio.Task[None] | None = None
     try:
-        await provision_admin(settings, app.state.sessionmaker)
-    except Exception as error:  # noqa: BLE001 - the API serves reads (and /ready) meanwhile
-        log.warning("admin user not provisioned (%s); retrying in the background", error)
-        provisioning = asyncio.create_task(
-            keep_provisioning_admin(settings, app.state.sessionmaker)
-        )
-    try:
+        # Warm the timing-equaliser hash now rather than on the first unknown-user login.
+        await asyncio.to_thread(dummy_hash)
+        try:
+            await provision_admin(settings, app.state.sessionmaker)
+        except PlaceholderAdminPassword as error:
+            log.critical("refusing to start: %s", error)
+            raise
+        except Exception as error:  # noqa: BLE001 - the API serves reads (and /ready) meanwhile
+            log.warning("admin user not provisioned (%s); retrying in the background", error)
+            provisioning = asyncio.create_task(
+                keep_provisioning_admin(settings, app.state.sessionmaker)
+            )
         yield
     finally:
         if provisioning is not None:
@@ -449,24 +481,20 @@ router = APIRouter(dependencies=[Depends(check_query_parameters), Depends(negoti
 
 @router.post("/auth/token", tags=["auth"], responses=problems(401, 422, 429, 503))
 async def issue_access_token(
-    request: Request,
-    session: SessionDep,
-    username: Annotated[str, Form(min_length=1, max_length=64, pattern=USERNAME_PATTERN)],
-    password: Annotated[str, Form(min_length=1, max_length=1024)],
+    guard: LoginGuardDep,
+    client: ClientAddress,
+    username: Annotated[Username, Form()],
+    password: Annotated[str, Form(min_length=1, max_length=PASSWORD_MAX_LENGTH)],
     grant_type: Annotated[Literal["password"] | None, Form()] = None,
 ) -> Token:
-    """Exchange a username and password (OAuth2 password flow) for a bearer token.
+    """Exchange a username (case-insensitive) and password (OAuth2 password flow) for a bearer
+    token.
 
-    Failed logins are limited per username and per client address (429 with Retry-After)."""
-    settings: Settings = request.app.state.settings
-    redis: Redis = request.app.state.redis
-    client = request.client.host if request.client else "unknown"
-    await check_login_allowed(redis, settings, username, client)
-    user = await authenticate(session, username, password)
-    await record_login(redis, settings, username, client, succeeded=user is not None)
-    if user is None:
-        raise Unauthorized("Incorrect username or password.")
-    return issue_token(user, settings)
+    Attempts are limited per username from one client address, per client address and per
+    username (429 with Retry-After); a success does not count. 503 with Retry-After when too
+    many passwords are being checked at once."""
+    user = await log_in(guard, username, password, client)
+    return issue_token(user, guard.settings)
 
 
 @router.get("/pets", tags=["pets"], responses=problems(422, 503))

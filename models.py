@@ -91,8 +91,19 @@ PetType = Annotated[
     StringConstraints(min_length=1, max_length=30, pattern=PET_TYPE_PATTERN),
     AfterValidator(lambda value: value.strip().lower()),
 ]
-Username = Annotated[str, StringConstraints(min_length=1, max_length=64, pattern=USERNAME_PATTERN)]
-Password = Annotated[str, StringConstraints(min_length=8, max_length=1024)]
+# The one username rule, shared by the login form, `create-user` and ADMIN_USERNAME. Usernames
+# are case-insensitive: they are lower-cased here, and stored lower-cased.
+Username = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=64, pattern=USERNAME_PATTERN),
+    AfterValidator(str.lower),
+]
+# The shortest password `create-user` accepts, and outside development ADMIN_PASSWORD too.
+PASSWORD_MIN_LENGTH = 8
+PASSWORD_MAX_LENGTH = 1024
+Password = Annotated[
+    str, StringConstraints(min_length=PASSWORD_MIN_LENGTH, max_length=PASSWORD_MAX_LENGTH)
+]
 
 
 def _created_at_column(*, index: bool = False) -> Column[datetime]:

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models import PASSWORD_MIN_LENGTH, Username
+
 # Redis key where the worker's heartbeat job records when it last ran (read by GET /ready).
 HEARTBEAT_KEY = "pets:worker:heartbeat"
 # The worker's job that prints a report on demand (`python cli.py report-now` enqueues it).
@@ -16,17 +18,25 @@ REPORT_JOB = "pet_report"
 # Development defaults: they make `docker compose up` work without set-up and are refused elsewhere.
 PLACEHOLDER_JWT_SECRET = "dev-only-placeholder-secret-change-me-please"  # noqa: S105
 PLACEHOLDER_ADMIN_PASSWORD = "admin"  # noqa: S105
+# Outside development a JWT secret needs this many distinct characters: it refuses a repeated
+# character or a word typed twice, while a random secret (`openssl rand -hex 32`: 64 characters
+# from 16) has fewer only with a probability far below one in 10^20.
+JWT_SECRET_MIN_DISTINCT_CHARACTERS = 8
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", frozen=True)
+    # hide_input_in_errors: a refusal must not print the secrets it was given into the log.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
+    )
 
     ENVIRONMENT: Literal["development", "test", "production"] = "production"
     DATABASE_URL: str = "postgresql+asyncpg://postgres@127.0.0.1:5432/pets"
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
     JWT_SECRET: SecretStr = SecretStr(PLACEHOLDER_JWT_SECRET)
     ACCESS_TOKEN_MINUTES: int = Field(default=30, ge=1, le=24 * 60)
-    ADMIN_USERNAME: str = Field(default="admin", min_length=1, max_length=64)
+    # The login form's rule, lower-cased like every username.
+    ADMIN_USERNAME: Username = "admin"
     ADMIN_PASSWORD: SecretStr = SecretStr(PLACEHOLDER_ADMIN_PASSWORD)
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     DB_POOL_SIZE: int = Field(default=20, ge=1)
@@ -36,9 +46,8 @@ class Settings(BaseSettings):
     DB_CONNECT_TIMEOUT: float = Field(default=5.0, gt=0)
     # Server-side statement_timeout for the service's sessions (migrations are not bound by it).
     DB_STATEMENT_TIMEOUT_MS: int = Field(default=15_000, ge=0)
-    # Failed logins allowed per username and per client address within the window; then 429.
-    LOGIN_MAX_FAILURES_PER_USER: int = Field(default=5, ge=1)
-    LOGIN_MAX_FAILURES_PER_CLIENT: int = Field(default=20, ge=1)
+    # The window of the login throttle's counters (below), from an address's or a username's
+    # first counted attempt.
     LOGIN_FAILURE_WINDOW_SECONDS: int = Field(default=300, ge=1)
     # The longest date range GET /metrics answers (three years).
     METRICS_MAX_SPAN_DAYS: int = Field(default=3 * 365 + 1, ge=1)
@@ -49,6 +58,20 @@ class Settings(BaseSettings):
     METRICS_QUEUE_SECONDS: float = Field(default=2.0, ge=0, le=60)
     # statement_timeout of the analytics pool: a question that runs longer is 503.
     METRICS_STATEMENT_TIMEOUT_MS: int = Field(default=30_000, ge=1)
+    # Login throttle: each attempt is reserved on three counters before its password is checked
+    # (429 when one is full); a success gives its reservation back, a failure stays counted.
+    # Per username from one client address: what stops guessing at one account.
+    LOGIN_LIMIT_PER_USER_AND_CLIENT: int = Field(default=5, ge=1)
+    # Per client address over every username: what stops one address trying many accounts.
+    LOGIN_LIMIT_PER_CLIENT: int = Field(default=20, ge=1)
+    # Per username over every address: caps a distributed guesser. High, so that locking a user
+    # out takes failures from at least LIMIT_PER_USER / LIMIT_PER_USER_AND_CLIENT addresses.
+    LOGIN_LIMIT_PER_USER: int = Field(default=100, ge=1)
+    # Password verifications (argon2: about 0.15 s of one core and 64 MiB each) run at most this
+    # many at once per process, so a flood of logins cannot take every core from other requests.
+    LOGIN_MAX_CONCURRENT_HASHES: int = Field(default=2, ge=1)
+    # Seconds a login waits for a verification slot before it is answered 503 + Retry-After.
+    LOGIN_HASH_WAIT_SECONDS: float = Field(default=1.0, gt=0)
 
     @field_validator("DATABASE_URL")
     @classmethod
@@ -62,15 +85,27 @@ class Settings(BaseSettings):
         return url
 
     @model_validator(mode="after")
-    def refuse_placeholders_outside_development(self) -> "Settings":
+    def refuse_weak_values_outside_development(self) -> "Settings":
         secret = self.JWT_SECRET.get_secret_value()
         if len(secret.encode()) < 32:
             raise ValueError("JWT_SECRET must be at least 32 bytes long")
-        if self.ENVIRONMENT != "development":
-            if secret == PLACEHOLDER_JWT_SECRET:
-                raise ValueError("JWT_SECRET still has its development placeholder; set a secret")
-            if self.ADMIN_PASSWORD.get_secret_value() == PLACEHOLDER_ADMIN_PASSWORD:
-                raise ValueError("ADMIN_PASSWORD still has its development placeholder; set one")
+        if self.ENVIRONMENT == "development":
+            return self
+        if secret == PLACEHOLDER_JWT_SECRET:
+            raise ValueError("JWT_SECRET still has its development placeholder; set a secret")
+        if len(set(secret)) < JWT_SECRET_MIN_DISTINCT_CHARACTERS:
+            raise ValueError(
+                f"JWT_SECRET has fewer than {JWT_SECRET_MIN_DISTINCT_CHARACTERS} distinct"
+                " characters; use a random one (e.g. `openssl rand -hex 32`)"
+            )
+        password = self.ADMIN_PASSWORD.get_secret_value()
+        if password == PLACEHOLDER_ADMIN_PASSWORD:
+            raise ValueError("ADMIN_PASSWORD still has its development placeholder; set one")
+        if len(password) < PASSWORD_MIN_LENGTH:
+            raise ValueError(
+                f"ADMIN_PASSWORD must be at least {PASSWORD_MIN_LENGTH} characters long"
+                " (as create-user requires)"
+            )
         return self
 
 

@@ -181,8 +181,8 @@ def client_for(application: FastAPI, **options: object) -> httpx.AsyncClient:
 
 
 async def forget_failed_logins(app: FastAPI) -> None:
-    """Each test starts with no failed logins counted against it (they would lead to 429s)."""
-    keys = [key async for key in app.state.redis.scan_iter(match="pets:login-failures:*")]
+    """Each test starts with no login attempts counted against it (they would lead to 429s)."""
+    keys = [key async for key in app.state.redis.scan_iter(match="pets:login-attempts:*")]
     if keys:
         await app.state.redis.delete(*keys)
 

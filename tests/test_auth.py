@@ -1,13 +1,21 @@
-"""Tokens, the bearer dependency, the admin account, `cli.py create-user` and secret settings."""
+"""Logins and their throttle, tokens, the bearer dependency, the admin account, `cli.py
+create-user` and the settings production refuses."""
 
+import asyncio
+import logging
+import time
 import warnings
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import jwt
 import pytest
+from asgi_lifespan import LifespanManager
+from fastapi import FastAPI
 from jwt.warnings import InsecureKeyLengthWarning
 from pydantic import ValidationError
 from sqlalchemy import text
@@ -15,9 +23,17 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 import auth
 import crud
-from main import provision_admin
-from settings import PLACEHOLDER_JWT_SECRET, Settings
-from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME, JWT_SECRET, make_settings, run_cli
+import main
+from main import PlaceholderAdminPassword, create_app, provision_admin
+from settings import PLACEHOLDER_ADMIN_PASSWORD, PLACEHOLDER_JWT_SECRET, Settings
+from tests.conftest import (
+    ADMIN_PASSWORD,
+    ADMIN_USERNAME,
+    JWT_SECRET,
+    client_for,
+    make_settings,
+    run_cli,
+)
 
 
 async def login(client: httpx.AsyncClient, username: str, password: str) -> httpx.Response:
@@ -55,11 +71,7 @@ async def test_token_opens_writes(client: httpx.AsyncClient) -> None:
 
 @pytest.mark.parametrize(
     ("username", "password"),
-    [
-        (ADMIN_USERNAME, "wrong-password"),
-        ("nobody", ADMIN_PASSWORD),
-        (ADMIN_USERNAME.upper(), ADMIN_PASSWORD),
-    ],
+    [(ADMIN_USERNAME, "wrong-password"), ("nobody", ADMIN_PASSWORD)],
 )
 async def test_login_with_bad_credentials_is_401(
     client: httpx.AsyncClient, username: str, password: str
@@ -69,6 +81,16 @@ async def test_login_with_bad_credentials_is_401(
     assert response.headers["content-type"] == "application/problem+json"
     assert response.headers["www-authenticate"] == "Bearer"
     assert response.json()["detail"] == "Incorrect username or password."
+
+
+@pytest.mark.parametrize("username", ["Admin", "ADMIN", "aDmIn"])
+async def test_usernames_are_case_insensitive(
+    client: httpx.AsyncClient, session: AsyncSession, username: str
+) -> None:
+    response = await login(client, username, ADMIN_PASSWORD)
+    assert response.status_code == 200, response.text
+    claims = jwt.decode(response.json()["access_token"], JWT_SECRET, algorithms=["HS256"])
+    assert claims["sub"] == str(await admin_id(session))
 
 
 @pytest.mark.parametrize(
@@ -95,35 +117,34 @@ async def test_login_rejects_malformed_forms(
     assert response.json()["errors"]
 
 
-async def test_failed_logins_per_username_are_limited(client: httpx.AsyncClient) -> None:
-    for _ in range(5):
-        assert (await login(client, ADMIN_USERNAME, "wrong-password")).status_code == 401
-    blocked = await login(client, ADMIN_USERNAME, ADMIN_PASSWORD)
-    assert blocked.status_code == 429
-    assert blocked.headers["content-type"] == "application/problem+json"
-    assert 0 < int(blocked.headers["retry-after"]) <= 300
-    # Another account from the same client is not locked out by this one's failures.
-    assert (await login(client, "someone-else", "wrong-password")).status_code == 401
+# --- throttling --------------------------------------------------------------------------------
 
 
-async def test_failed_logins_per_client_are_limited(client: httpx.AsyncClient) -> None:
-    for number in range(20):
-        assert (await login(client, f"guess{number}", "wrong-password")).status_code == 401
-    blocked = await login(client, ADMIN_USERNAME, ADMIN_PASSWORD)
-    assert blocked.status_code == 429
-    assert int(blocked.headers["retry-after"]) > 0
+def from_address(app: FastAPI, address: str) -> httpx.AsyncClient:
+    """A client whose requests come from that address (what the throttle counts by)."""
+    return client_for(app, client=(address, 1234))
 
 
-async def test_a_successful_login_clears_the_username_count(client: httpx.AsyncClient) -> None:
-    for _ in range(2):
-        for _ in range(4):
-            assert (await login(client, ADMIN_USERNAME, "wrong-password")).status_code == 401
-        assert (await login(client, ADMIN_USERNAME, ADMIN_PASSWORD)).status_code == 200
+@pytest.fixture
+def login_settings(app: FastAPI) -> Iterator[Callable[..., None]]:
+    """Run this test's logins with some settings changed (and `slots` concurrent verifications).
+    By default a login waits up to 30 s for a verification slot, so that a loaded machine cannot
+    turn an expected 401 into a 503."""
+    guard: auth.LoginGuard = app.state.login_guard
+
+    def use(slots: int | None = None, **overrides: object) -> None:
+        settings = guard.settings.model_copy(update={"LOGIN_HASH_WAIT_SECONDS": 30, **overrides})
+        semaphore = guard.verification_slots if slots is None else asyncio.Semaphore(slots)
+        app.state.login_guard = replace(guard, settings=settings, verification_slots=semaphore)
+
+    use()
+    yield use
+    app.state.login_guard = guard
 
 
-async def test_unknown_user_costs_one_hash_verification_like_a_wrong_password(
-    client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
-) -> None:
+@pytest.fixture
+def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The hashes every password verification from now on was checked against."""
     calls: list[str] = []
     real_verify = auth.password_hasher.verify
 
@@ -132,11 +153,177 @@ async def test_unknown_user_costs_one_hash_verification_like_a_wrong_password(
         return real_verify(password, password_hash)
 
     monkeypatch.setattr(auth.password_hasher, "verify", counting_verify)
+    return calls
+
+
+def statuses(responses: list[httpx.Response]) -> Counter[int]:
+    return Counter(response.status_code for response in responses)
+
+
+async def counters(app: FastAPI, username: str, client: str) -> list[int]:
+    """The throttle's counts: this username from this client, this client, this username."""
+    values = await app.state.redis.mget(auth.login_counter_keys(username, client))
+    return [int(value or 0) for value in values]
+
+
+@pytest.mark.usefixtures("client", "login_settings")
+async def test_concurrent_wrong_passwords_check_at_most_the_limit(
+    app: FastAPI, verifications: list[str]
+) -> None:
+    async with from_address(app, "10.0.0.1") as attacker:
+        responses = await asyncio.gather(
+            *(login(attacker, ADMIN_USERNAME, f"guess-{n}") for n in range(60))
+        )
+    assert statuses(responses) == {401: 5, 429: 55}
+    assert len(verifications) == 5
+
+
+@pytest.mark.usefixtures("client", "login_settings")
+async def test_throttled_login_is_429_problem_with_retry_after(app: FastAPI) -> None:
+    async with from_address(app, "10.0.0.1") as attacker:
+        for _ in range(5):
+            assert (await login(attacker, ADMIN_USERNAME, "wrong-password")).status_code == 401
+        blocked = await login(attacker, ADMIN_USERNAME, ADMIN_PASSWORD)
+        # Another account from the same client is not locked out by this one's failures.
+        assert (await login(attacker, "someone-else", "wrong-password")).status_code == 401
+    assert blocked.status_code == 429
+    assert blocked.headers["content-type"] == "application/problem+json"
+    assert 0 < int(blocked.headers["retry-after"]) <= 300
+    assert await counters(app, ADMIN_USERNAME, "10.0.0.1") == [5, 6, 5], "a 429 counts nothing"
+
+
+@pytest.mark.usefixtures("client", "login_settings")
+async def test_wrong_guesses_from_one_client_do_not_lock_the_user_out_from_another(
+    app: FastAPI,
+) -> None:
+    async with from_address(app, "10.0.0.1") as attacker:
+        guesses = await asyncio.gather(
+            *(login(attacker, ADMIN_USERNAME, f"guess-{n}") for n in range(10))
+        )
+    assert statuses(guesses) == {401: 5, 429: 5}
+    async with from_address(app, "10.0.0.2") as owner:
+        assert (await login(owner, ADMIN_USERNAME, ADMIN_PASSWORD)).status_code == 200
+
+
+@pytest.mark.usefixtures("client", "login_settings")
+async def test_one_client_is_capped_across_usernames(
+    app: FastAPI, verifications: list[str]
+) -> None:
+    async with from_address(app, "10.0.0.1") as sprayer:
+        responses = await asyncio.gather(
+            *(login(sprayer, f"user-{n}", "wrong-password") for n in range(40))
+        )
+        assert statuses(responses) == {401: 20, 429: 20}
+        assert len(verifications) == 20
+        blocked = await login(sprayer, ADMIN_USERNAME, ADMIN_PASSWORD)
+        assert blocked.status_code == 429
+        assert int(blocked.headers["retry-after"]) > 0
+    async with from_address(app, "10.0.0.2") as other:
+        assert (await login(other, ADMIN_USERNAME, ADMIN_PASSWORD)).status_code == 200
+
+
+@pytest.mark.usefixtures("client")
+async def test_one_username_is_capped_across_clients(
+    app: FastAPI, login_settings: Callable[..., None], verifications: list[str]
+) -> None:
+    login_settings(LOGIN_LIMIT_PER_USER=8)
+    clients = [from_address(app, f"10.0.1.{n}") for n in range(30)]
+    try:
+        responses = await asyncio.gather(
+            *(login(http, ADMIN_USERNAME, "wrong-password") for http in clients)
+        )
+    finally:
+        await asyncio.gather(*(http.aclose() for http in clients))
+    assert statuses(responses) == {401: 8, 429: 22}
+    assert len(verifications) == 8
+    async with from_address(app, "10.0.2.1") as newcomer:
+        capped = await login(newcomer, ADMIN_USERNAME, ADMIN_PASSWORD)
+        assert capped.status_code == 429
+        assert int(capped.headers["retry-after"]) > 0
+        assert (await login(newcomer, "someone-else", "wrong-password")).status_code == 401
+
+
+@pytest.mark.usefixtures("client")
+async def test_a_successful_login_gives_back_its_reservation(
+    app: FastAPI, login_settings: Callable[..., None]
+) -> None:
+    login_settings(LOGIN_LIMIT_PER_CLIENT=5)
+    async with from_address(app, "10.0.0.1") as http:
+        for _ in range(3):
+            assert (await login(http, ADMIN_USERNAME, "wrong-password")).status_code == 401
+        assert (await login(http, ADMIN_USERNAME, ADMIN_PASSWORD)).status_code == 200
+        # This username from this client starts afresh; the client's and the username's own
+        # counts keep the three failures but not the success.
+        assert await counters(app, ADMIN_USERNAME, "10.0.0.1") == [0, 3, 3]
+        # So a user who logs in more often than a limit is never capped by their successes.
+        for _ in range(6):
+            assert (await login(http, ADMIN_USERNAME, ADMIN_PASSWORD)).status_code == 200
+        assert await counters(app, ADMIN_USERNAME, "10.0.0.1") == [0, 3, 3]
+
+
+@pytest.mark.usefixtures("client")
+async def test_a_login_without_a_free_verification_slot_is_503_and_costs_nothing(
+    app: FastAPI, login_settings: Callable[..., None], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    login_settings(slots=1, LOGIN_HASH_WAIT_SECONDS=0.2)
+    real_verify = auth.password_hasher.verify
+
+    def slow_verify(password: str, password_hash: str) -> bool:
+        time.sleep(1.0)  # in the hashing thread: holds the one slot for a second
+        return real_verify(password, password_hash)
+
+    monkeypatch.setattr(auth.password_hasher, "verify", slow_verify)
+    async with from_address(app, "10.0.0.1") as first, from_address(app, "10.0.0.2") as second:
+        checked = asyncio.create_task(login(first, ADMIN_USERNAME, "wrong-password"))
+        await asyncio.sleep(0.1)
+        turned_away = await login(second, ADMIN_USERNAME, "wrong-password")
+        assert (await checked).status_code == 401
+    assert turned_away.status_code == 503
+    assert int(turned_away.headers["retry-after"]) > 0
+    assert await counters(app, ADMIN_USERNAME, "10.0.0.2") == [0, 0, 1], "only the 401 counts"
+
+
+@pytest.mark.usefixtures("client")
+async def test_a_login_the_database_fails_costs_no_attempt(
+    app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unreachable(*args: object) -> None:
+        raise ConnectionRefusedError("the database is down")
+
+    monkeypatch.setattr(crud, "get_user_by_username", unreachable)
+    async with from_address(app, "10.0.0.1") as http:
+        response = await login(http, ADMIN_USERNAME, ADMIN_PASSWORD)
+    assert response.status_code == 503
+    assert await counters(app, ADMIN_USERNAME, "10.0.0.1") == [0, 0, 0]
+
+
+@pytest.mark.usefixtures("login_settings")
+async def test_a_login_holds_no_pooled_connection_while_verifying(
+    app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pool = app.state.engine.sync_engine.pool
+    in_use: list[int] = []
+    real_verify = auth.password_hasher.verify
+
+    def watching_verify(password: str, password_hash: str) -> bool:
+        in_use.append(pool.checkedout())
+        return real_verify(password, password_hash)
+
+    monkeypatch.setattr(auth.password_hasher, "verify", watching_verify)
+    assert (await login(client, ADMIN_USERNAME, "wrong-password")).status_code == 401
+    assert (await login(client, "nobody", "wrong-password")).status_code == 401
+    assert (await login(client, ADMIN_USERNAME, ADMIN_PASSWORD)).status_code == 200
+    assert in_use == [0, 0, 0]
+
+
+async def test_unknown_user_costs_one_hash_verification_like_a_wrong_password(
+    client: httpx.AsyncClient, verifications: list[str]
+) -> None:
     assert (await login(client, "nobody", "wrong-password")).status_code == 401
     assert (await login(client, ADMIN_USERNAME, "wrong-password")).status_code == 401
-    assert len(calls) == 2
+    assert len(verifications) == 2
     # Both are full argon2 verifications with the same parameters.
-    assert calls[0].rsplit("$", 2)[0] == calls[1].rsplit("$", 2)[0]
+    assert verifications[0].rsplit("$", 2)[0] == verifications[1].rsplit("$", 2)[0]
 
 
 def forge(claims: dict[str, Any], key: str = JWT_SECRET, algorithm: str = "HS256") -> str:
@@ -203,12 +390,12 @@ async def test_other_authorization_schemes_are_401(client: httpx.AsyncClient, he
     assert response.headers["www-authenticate"].startswith("Bearer")
 
 
-async def test_admin_is_provisioned_but_never_overwritten(settings: Settings, app: Any) -> None:
+async def test_admin_is_provisioned_but_never_overwritten(settings: Settings, app: FastAPI) -> None:
     changed = make_settings(settings.DATABASE_URL, ADMIN_PASSWORD="a-different-password")
     await provision_admin(changed, app.state.sessionmaker)
-    async with app.state.sessionmaker() as session:
-        assert await auth.authenticate(session, ADMIN_USERNAME, ADMIN_PASSWORD) is not None
-        assert await auth.authenticate(session, ADMIN_USERNAME, "a-different-password") is None
+    guard = app.state.login_guard
+    assert await auth.authenticate(guard, ADMIN_USERNAME, ADMIN_PASSWORD) is not None
+    assert await auth.authenticate(guard, ADMIN_USERNAME, "a-different-password") is None
 
 
 async def test_cli_create_user_adds_a_user_who_can_log_in(
@@ -223,6 +410,19 @@ async def test_cli_create_user_adds_a_user_who_can_log_in(
     assert again.returncode == 1
     assert "already exists" in again.stderr
     assert (await login(client, "editor", "s3cret-pass")).status_code == 200
+
+
+async def test_cli_create_user_lower_cases_the_name(
+    settings: Settings, client: httpx.AsyncClient
+) -> None:
+    created = run_cli(settings, "create-user", "Author", "--password-stdin", stdin="long-enough\n")
+    assert created.returncode == 0, created.stderr
+    assert "created user 'author'" in created.stdout
+    assert (await login(client, "AUTHOR", "long-enough")).status_code == 200
+    # `admin` exists, so `Admin` is the same account, not a second one.
+    taken = run_cli(settings, "create-user", "Admin", "--password-stdin", stdin="long-enough\n")
+    assert taken.returncode == 1
+    assert "user 'admin' already exists" in taken.stderr
 
 
 @pytest.mark.parametrize(
@@ -243,23 +443,120 @@ def no_settings_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.mark.usefixtures("no_settings_env")
-def test_placeholder_secret_is_refused_outside_development() -> None:
-    with pytest.raises(ValidationError, match="JWT_SECRET"):
-        Settings(
-            ENVIRONMENT="production", JWT_SECRET=PLACEHOLDER_JWT_SECRET, ADMIN_PASSWORD="x" * 12
-        )
-    with pytest.raises(ValidationError, match="ADMIN_PASSWORD"):
-        Settings(ENVIRONMENT="production", JWT_SECRET="s" * 40)
-    assert (
-        Settings(ENVIRONMENT="development").JWT_SECRET.get_secret_value() == PLACEHOLDER_JWT_SECRET
-    )
+STRONG = {"JWT_SECRET": "4f1c9e0b7a2d6c3e8b5a1f0d9c7e2b4a", "ADMIN_PASSWORD": "correct-horse"}
 
 
 @pytest.mark.usefixtures("no_settings_env")
-def test_short_secret_is_refused() -> None:
+@pytest.mark.parametrize(
+    ("weak", "message"),
+    [
+        (
+            {"JWT_SECRET": PLACEHOLDER_JWT_SECRET},
+            "JWT_SECRET still has its development placeholder",
+        ),
+        ({"JWT_SECRET": "a" * 32}, "JWT_SECRET has fewer than 8 distinct characters"),
+        ({"JWT_SECRET": "secret" * 8}, "JWT_SECRET has fewer than 8 distinct characters"),
+        ({"JWT_SECRET": "too-short"}, "JWT_SECRET must be at least 32 bytes"),
+        ({"ADMIN_PASSWORD": PLACEHOLDER_ADMIN_PASSWORD}, "ADMIN_PASSWORD still has its"),
+        ({"ADMIN_PASSWORD": "x"}, "ADMIN_PASSWORD must be at least 8 characters"),
+        ({"ADMIN_PASSWORD": ""}, "ADMIN_PASSWORD must be at least 8 characters"),
+        ({"ADMIN_PASSWORD": "7-chars"}, "ADMIN_PASSWORD must be at least 8 characters"),
+        ({"ADMIN_USERNAME": "ops admin"}, "ADMIN_USERNAME\n  String should match pattern"),
+        ({"ADMIN_USERNAME": ""}, "ADMIN_USERNAME\n  String should have at least 1 character"),
+    ],
+)
+@pytest.mark.parametrize("environment", ["production", "test"])
+def test_weak_settings_are_refused_outside_development(
+    environment: str, weak: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ValidationError) as refused:
+        Settings(**{"ENVIRONMENT": environment, **STRONG, **weak})  # type: ignore[arg-type]
+    assert message in str(refused.value)
+    # The refusal names the setting but does not repeat the values it was given.
+    assert STRONG["JWT_SECRET"] not in str(refused.value)
+    assert STRONG["ADMIN_PASSWORD"] not in str(refused.value)
+
+
+@pytest.mark.usefixtures("no_settings_env")
+def test_strong_settings_are_accepted_in_production() -> None:
+    settings = Settings(ENVIRONMENT="production", ADMIN_USERNAME="Ops.Admin", **STRONG)  # type: ignore[arg-type]
+    assert settings.ADMIN_USERNAME == "ops.admin"
+
+
+@pytest.mark.usefixtures("no_settings_env")
+def test_development_accepts_the_placeholders() -> None:
+    defaults = Settings(ENVIRONMENT="development")
+    assert defaults.JWT_SECRET.get_secret_value() == PLACEHOLDER_JWT_SECRET
+    assert defaults.ADMIN_PASSWORD.get_secret_value() == PLACEHOLDER_ADMIN_PASSWORD
+    assert Settings(ENVIRONMENT="development", JWT_SECRET="a" * 32, ADMIN_PASSWORD="x")
+
+
+@pytest.mark.usefixtures("no_settings_env")
+def test_short_secret_is_refused_even_in_development() -> None:
     with pytest.raises(ValidationError, match="32 bytes"):
         Settings(ENVIRONMENT="development", JWT_SECRET="too-short")
+
+
+# --- an admin account that still has the placeholder password ----------------------------------
+
+LEGACY_ADMIN = "legacy-admin"
+
+
+@pytest.fixture
+async def placeholder_admin(settings: Settings, session: AsyncSession) -> AsyncIterator[Settings]:
+    """An account made with the placeholder password (as `docker compose up` made `admin`
+    before ADMIN_PASSWORD was set), and the test settings naming it as the admin."""
+    password_hash = await auth.hash_password(PLACEHOLDER_ADMIN_PASSWORD)
+    assert await crud.add_user_if_missing(session, LEGACY_ADMIN, password_hash) is not None
+    try:
+        yield make_settings(settings.DATABASE_URL, ADMIN_USERNAME=LEGACY_ADMIN)
+    finally:
+        await session.exec(text(f"DELETE FROM \"user\" WHERE username = '{LEGACY_ADMIN}'"))  # type: ignore[call-overload]
+        await session.commit()
+
+
+async def test_an_admin_with_the_placeholder_password_stops_start_up(
+    placeholder_admin: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(PlaceholderAdminPassword, match="still has the development placeholder"):
+        async with LifespanManager(create_app(placeholder_admin)):
+            pass
+    refusal = [r for r in caplog.records if r.levelno == logging.CRITICAL]
+    assert len(refusal) == 1
+    assert refusal[0].getMessage().startswith("refusing to start: the admin account")
+
+
+async def test_development_starts_with_a_placeholder_admin(placeholder_admin: Settings) -> None:
+    development = placeholder_admin.model_copy(update={"ENVIRONMENT": "development"})
+    application = create_app(development)
+    async with LifespanManager(application), client_for(application) as http:
+        # Development is the one place the placeholder still opens the account.
+        assert (await login(http, LEGACY_ADMIN, PLACEHOLDER_ADMIN_PASSWORD)).status_code == 200
+
+
+async def test_provisioning_after_an_outage_stops_the_api_for_a_placeholder_admin(
+    placeholder_admin: Settings,
+    app: FastAPI,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """When the database was down at start-up, the background retry finds the account later,
+    while the API is serving: it stops the process (SIGTERM to itself, stubbed here)."""
+    stopped: list[bool] = []
+    monkeypatch.setattr(main, "stop_this_process", lambda: stopped.append(True))
+    async with asyncio.timeout(10):
+        await main.keep_provisioning_admin(placeholder_admin, app.state.sessionmaker)
+    assert stopped == [True]
+    assert "refusing to serve, stopping: the admin account 'legacy-admin'" in caplog.text
+
+
+@pytest.mark.usefixtures("placeholder_admin")
+async def test_the_placeholder_password_never_logs_in_outside_development(
+    client: httpx.AsyncClient, verifications: list[str]
+) -> None:
+    response = await login(client, LEGACY_ADMIN, PLACEHOLDER_ADMIN_PASSWORD)
+    assert response.status_code == 401
+    assert verifications == [], "refused before any hash is checked"
 
 
 @pytest.mark.usefixtures("no_settings_env")
