@@ -75,6 +75,7 @@ from models import (
     Token,
     date_id_of,
 )
+from server import LimitRequestBody
 from settings import HEARTBEAT_KEY, Settings, configure_logging, get_settings
 
 log = logging.getLogger("pets.api")
@@ -333,7 +334,7 @@ class RejectUndecodableUrls:
 router = APIRouter(dependencies=[Depends(check_query_parameters)])
 
 
-@router.post("/auth/token", tags=["auth"], responses=problems(401, 422, 429, 503))
+@router.post("/auth/token", tags=["auth"], responses=problems(401, 413, 422, 429, 503))
 async def issue_access_token(
     request: Request,
     session: SessionDep,
@@ -381,7 +382,7 @@ async def get_pet(db: ConnectionDep, pet_id: PetId) -> PetPublic:
                 }
             }
         },
-        **problems(401, 415, 422, 503),
+        **problems(401, 413, 415, 422, 503),
     },
     dependencies=[JsonBody],
 )
@@ -401,7 +402,7 @@ async def create_pet(
 @router.put(
     "/pets/{pet_id}",
     tags=["pets"],
-    responses=problems(401, 404, 415, 422, 503),
+    responses=problems(401, 404, 413, 415, 422, 503),
     dependencies=[JsonBody],
 )
 async def replace_pet(
@@ -414,7 +415,7 @@ async def replace_pet(
 @router.patch(
     "/pets/{pet_id}",
     tags=["pets"],
-    responses=problems(401, 404, 415, 422, 503),
+    responses=problems(401, 404, 413, 415, 422, 503),
     dependencies=[JsonBody],
 )
 async def patch_pet(
@@ -605,6 +606,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(router)
     app.add_middleware(RejectUndecodableUrls)
+    app.add_middleware(LimitRequestBody, settings=settings)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(ServiceError, on_service_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
