@@ -31,7 +31,7 @@ def problem_body(status: int, detail: str) -> bytes:
 
 def _declared_length(scope: Scope) -> int | None:
     value = Headers(scope=scope).get("content-length", "")
-    return int(value) if value.isdigit() else None
+    return int(value) if value.isascii() and value.isdigit() else None
 
 
 async def _send_too_large(send: Send, limit: int) -> None:

@@ -14,8 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
+from starlette.types import Receive, Scope, Send
+from uvicorn.config import Config
+from uvicorn.server import ServerState
 
 from alembic import command
+from server import BoundedHttpToolsProtocol
 from settings import Settings
 from tests.conftest import (
     ADMIN_PASSWORD,
@@ -480,3 +484,71 @@ async def test_in_process_body_at_the_limit_passes(
     body = pet.ljust(settings.HTTP_MAX_BODY_BYTES)
     response = await client.post("/pets", content=body, headers={**auth_headers, **JSON})
     assert response.status_code == 201, response.text
+
+
+# --- the protocol's deadlines, in-process --------------------------------------------------------
+
+
+class RecordingTransport(asyncio.Transport):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = b""
+        self.closed = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        addresses = {"peername": ("127.0.0.1", 50000), "sockname": ("127.0.0.1", 8000)}
+        return addresses.get(name, default)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.written += bytes(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+
+async def read_body(scope: Scope, receive: Receive, send: Send) -> None:
+    while (await receive())["type"] == "http.request":
+        pass  # the client goes away before the body is complete
+
+
+def connection() -> tuple[BoundedHttpToolsProtocol, ServerState]:
+    state = ServerState()
+    config = Config(app=read_body, log_config=None, lifespan="off")
+    protocol = BoundedHttpToolsProtocol(config, state, {})
+    protocol.connection_made(RecordingTransport())
+    return protocol, state
+
+
+async def test_a_lost_connection_leaves_no_deadline_behind() -> None:
+    waiting, _ = connection()
+    first = waiting.header_deadline
+    assert first is not None, "armed on connecting"
+    waiting.data_received(b"GET / HTTP/1.1\r\nHost: test\r\n")
+    assert waiting.header_deadline is first, "a deadline is never extended"
+    waiting.connection_lost(None)
+    assert first.cancelled() and waiting.header_deadline is None
+
+    uploading, state = connection()
+    uploading.data_received(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nab")
+    body = uploading.body_deadline
+    assert body is not None and uploading.header_deadline is None
+    uploading.connection_lost(None)
+    assert body.cancelled() and uploading.body_deadline is None
+    await asyncio.gather(*state.tasks)
+
+
+async def test_a_request_that_arrives_whole_sets_no_deadline() -> None:
+    protocol, state = connection()
+    protocol.data_received(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}")
+    assert protocol.header_deadline is None and protocol.body_deadline is None
+    protocol.connection_lost(None)
+    await asyncio.gather(*state.tasks)
