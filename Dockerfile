@@ -14,7 +14,7 @@ RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --no-create-home --home-dir /app --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-COPY main.py models.py crud.py db.py auth.py errors.py settings.py worker.py cli.py metrics_data.py middleware.py alembic.ini ./
+COPY main.py server.py middleware.py models.py crud.py db.py auth.py errors.py settings.py worker.py cli.py metrics_data.py alembic.ini ./
 COPY alembic ./alembic
 COPY templates ./templates
 USER 10001:10001
@@ -22,4 +22,4 @@ EXPOSE 8000
 # The API's check; compose gives the worker its own (arq --check) and the migration none.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=2)"]
-CMD ["uvicorn", "main:app", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["python", "server.py", "--host", "0.0.0.0", "--port", "8000"]

@@ -85,6 +85,7 @@ from models import (
     Username,
     date_id_of,
 )
+from server import LimitRequestBody
 from settings import HEARTBEAT_KEY, Settings, configure_logging, get_settings
 
 log = logging.getLogger("pets.api")
@@ -443,7 +444,10 @@ async def if_match_versions(pet_id: PetId, if_match: IfMatch = None) -> list[int
     return versions_named(if_match, pet_id)
 
 
-PET_WRITE_RESPONSES = {200: {"headers": ETAG_HEADER}, **problems(401, 404, 412, 415, 422, 503)}
+PET_WRITE_RESPONSES = {
+    200: {"headers": ETAG_HEADER},
+    **problems(401, 404, 412, 413, 415, 422, 503),
+}
 
 # The pet versions a write is conditional on (If-Match); None: unconditional.
 IfMatchVersions = Annotated[list[int] | None, Depends(if_match_versions)]
@@ -479,7 +483,7 @@ class RejectUndecodableUrls:
 router = APIRouter(dependencies=[Depends(check_query_parameters), Depends(negotiate)])
 
 
-@router.post("/auth/token", tags=["auth"], responses=problems(401, 422, 429, 503))
+@router.post("/auth/token", tags=["auth"], responses=problems(401, 413, 422, 429, 503))
 async def issue_access_token(
     guard: LoginGuardDep,
     client: ClientAddress,
@@ -553,7 +557,7 @@ async def get_pet(
                 **ETAG_HEADER,
             }
         },
-        **problems(401, 415, 422, 503),
+        **problems(401, 413, 415, 422, 503),
     },
     dependencies=[JsonBody],
 )
@@ -830,6 +834,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.include_router(router)
     app.add_middleware(RejectUndecodableUrls)
+    app.add_middleware(LimitRequestBody, settings=settings)
     app.add_middleware(HeadAsGet)
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(RequestValidationError, on_validation_error)

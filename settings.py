@@ -72,6 +72,24 @@ class Settings(BaseSettings):
     LOGIN_MAX_CONCURRENT_HASHES: int = Field(default=2, ge=1)
     # Seconds a login waits for a verification slot before it is answered 503 + Retry-After.
     LOGIN_HASH_WAIT_SECONDS: float = Field(default=1.0, gt=0)
+    # How the API is served (server.py): every request is bounded in size and in time.
+    # The largest request body (413 beyond): a pet or a login form needs a few hundred bytes.
+    HTTP_MAX_BODY_BYTES: int = Field(default=16_384, ge=1_024, le=64 * 1024 * 1024)
+    # The largest request line plus headers (431 beyond); also the bound on a body's trailers.
+    HTTP_MAX_HEADER_BYTES: int = Field(default=16_384, ge=1_024, le=1024 * 1024)
+    # Seconds from connecting, or from a request's first byte, to the end of its headers.
+    HTTP_HEADER_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0, le=300)
+    # Seconds from the end of a request's headers to the last byte of its body (408 after).
+    HTTP_BODY_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0, le=3600)
+    # Seconds an idle keep-alive connection is kept between requests.
+    HTTP_KEEP_ALIVE_SECONDS: int = Field(default=5, ge=1, le=300)
+    # Connections plus running requests per process; beyond it uvicorn answers 503.
+    HTTP_MAX_CONCURRENCY: int = Field(default=1000, ge=1)
+    # Proxies (comma-separated addresses or networks) whose X-Forwarded-For/-Proto is believed;
+    # empty: nobody's, so the client address is always the connection's own.
+    FORWARDED_ALLOW_IPS: str = ""
+    # API processes (uvicorn workers).
+    WEB_CONCURRENCY: int = Field(default=1, ge=1, le=64)
 
     @field_validator("DATABASE_URL")
     @classmethod

@@ -72,7 +72,7 @@ def test_api_and_worker_start_after_healthy_servers_and_the_migration() -> None:
 
 
 def test_commands_ports_and_shutdown_grace() -> None:
-    assert SERVICES["api"]["command"][:2] == ["uvicorn", "main:app"]
+    assert SERVICES["api"]["command"][:2] == ["python", "server.py"]
     assert SERVICES["api"]["ports"] == ["${API_PORT:-8000}:8000"]
     assert SERVICES["worker"]["command"] == ["arq", "worker.WorkerSettings"]
     grace = int(SERVICES["worker"]["stop_grace_period"].removesuffix("s"))
@@ -112,7 +112,7 @@ def test_hadolint_finds_nothing() -> None:
 def test_dockerfile_is_multi_stage_non_root_with_exec_form_cmd() -> None:
     assert len(re.findall(r"^FROM python:3\.11-slim", DOCKERFILE, re.MULTILINE)) == 2
     assert re.search(r"^USER (?!root|0)\S+", DOCKERFILE, re.MULTILINE)
-    assert re.search(r'^CMD \["uvicorn", "main:app"', DOCKERFILE, re.MULTILINE)
+    assert re.search(r'^CMD \["python", "server.py"', DOCKERFILE, re.MULTILINE)
     assert re.search(r"^HEALTHCHECK .*\n\s+CMD \[\"python\"", DOCKERFILE, re.MULTILINE)
     assert "--no-cache-dir -r /tmp/requirements.txt" in DOCKERFILE
 

@@ -33,7 +33,8 @@ SEED = os.environ.get("FUZZ_SEED", "20261124")
 
 @pytest.fixture(scope="module")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """uvicorn serving the app on a spare port, on a database of its own with demo data."""
+    """The API served as everywhere (server.py) on a spare port, on a database of its own with
+    demo data."""
     port = unused_port()
     log = tmp_path_factory.mktemp("fuzz") / "uvicorn.log"
     with scratch_database("test_fuzz") as url:
@@ -43,7 +44,7 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         subprocess.run(seed, cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
         with log.open("w") as output:
             server = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port)],
+                [sys.executable, "server.py", "--port", str(port)],
                 cwd=ROOT,
                 env=env,
                 stdout=output,
