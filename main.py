@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.routing import APIRoute
+from pydantic import StringConstraints, WithJsonSchema
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from sqlalchemy import exc as sa_exc
@@ -429,13 +430,16 @@ def _etag_matches(if_none_match: str, etag: str) -> bool:
     return "*" in tags or etag in tags
 
 
+# A list of entity tags, or `*`. Stated as a plain string in OpenAPI: "absent" is not a value a
+# client can send, so the schema does not offer null.
+ETAG_LIST_SCHEMA = {"type": "string", "maxLength": 1000, "pattern": ETAG_LIST_PATTERN}
+EtagList = Annotated[
+    Annotated[str, StringConstraints(max_length=1000, pattern=ETAG_LIST_PATTERN)] | None,
+    WithJsonSchema(ETAG_LIST_SCHEMA),
+]
 IfMatch = Annotated[
-    str | None,
-    Header(
-        pattern=ETAG_LIST_PATTERN,
-        max_length=1000,
-        description="Only change the pet if its ETag is one of these (else 412); `*`: any.",
-    ),
+    EtagList,
+    Header(description="Only change the pet if its ETag is one of these (else 412); `*`: any."),
 ]
 ETAG_HEADER = {"ETag": {"description": "The pet's version", "schema": {"type": "string"}}}
 
@@ -523,12 +527,7 @@ async def get_pet(
     pet_id: PetId,
     response: Response,
     if_none_match: Annotated[
-        str | None,
-        Header(
-            pattern=ETAG_LIST_PATTERN,
-            max_length=1000,
-            description="304 with no body if the pet's ETag is one of these.",
-        ),
+        EtagList, Header(description="304 with no body if the pet's ETag is one of these.")
     ] = None,
 ) -> PetRecord | Response:
     """One pet by id, with its ETag."""

@@ -9,8 +9,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
+import redis
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -147,30 +152,68 @@ class WorkerProcess:
             raise
 
 
+@dataclass
 class ApiServer:
-    """The API served by a real uvicorn on a spare port, with the given environment."""
+    port: int
+    pid: int
+    log: Path
 
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.port = unused_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        self.env = env
-        self.log = log
-        self.process: subprocess.Popen[bytes] | None = None
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "ApiServer":
-        command = [sys.executable, "-m", "uvicorn", "main:app", "--port", str(self.port)]
-        with self.log.open("w") as output:
-            self.process = subprocess.Popen(
-                command, cwd=ROOT, env=self.env, stdout=output, stderr=output
-            )
-        process = self.process
-        wait_until(
-            lambda: _accepts_connections(self.port) or process.poll() is not None, 30, "uvicorn"
+
+def answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+@contextmanager
+def serve_api(database_url: str, redis_url: str, log: Path, **settings: str) -> Iterator[ApiServer]:
+    """`python server.py` as the image runs it, on a spare port, with these settings (one
+    process: its pid is uvicorn's)."""
+    port = unused_port()
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url,
+        "PYTHONUNBUFFERED": "1",
+        **settings,
+    }
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "server.py", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=output,
         )
-        assert process.poll() is None, self.log.read_text()
-        return self
+    try:
+        wait_until(
+            lambda: answers(f"http://127.0.0.1:{port}/health") or process.poll() is not None,
+            30,
+            "server.py",
+        )
+        assert process.poll() is None, log.read_text()
+        yield ApiServer(port=port, pid=process.pid, log=log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
 
-    def __exit__(self, *exc_info: object) -> None:
-        if self.process is not None:
-            self.process.terminate()
-            self.process.wait(timeout=20)
+
+def forget_login_attempts(redis_url: str) -> None:
+    """Servers of one test run share its Redis: a test that logs in starts with no attempts
+    counted from 127.0.0.1 by another (the fuzzer's wrong logins fill the per-client counter)."""
+    client = redis.Redis.from_url(redis_url)
+    try:
+        keys = list(client.scan_iter(match="pets:login-attempts:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

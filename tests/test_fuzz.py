@@ -14,7 +14,7 @@ import pytest
 
 from alembic import command
 from tests.conftest import ROOT, alembic_config_for, redis_url, scratch_database
-from tests.servers import unused_port, wait_until
+from tests.servers import forget_login_attempts, serve_api
 
 CHECKS = ",".join(
     [
@@ -35,38 +35,18 @@ SEED = os.environ.get("FUZZ_SEED", "20261124")
 def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The API served as everywhere (server.py) on a spare port, on a database of its own with
     demo data."""
-    port = unused_port()
-    log = tmp_path_factory.mktemp("fuzz") / "uvicorn.log"
+    log = tmp_path_factory.mktemp("fuzz") / "server.log"
     with scratch_database("test_fuzz") as url:
-        env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url(), "LOG_LEVEL": "WARNING"}
+        env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url()}
         command.upgrade(alembic_config_for(url), "head")
         seed = [sys.executable, "cli.py", "seed-metrics", "--days", "60", "--rows-per-day", "100"]
         subprocess.run(seed, cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
-        with log.open("w") as output:
-            server = subprocess.Popen(
-                [sys.executable, "server.py", "--port", str(port)],
-                cwd=ROOT,
-                env=env,
-                stdout=output,
-                stderr=output,
-            )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            wait_until(
-                lambda: _answers(f"{base}/health") or server.poll() is not None, 30, "uvicorn"
-            )
-            assert server.poll() is None, log.read_text()
-            yield base
-        finally:
-            server.terminate()
-            server.wait(timeout=20)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
+        with serve_api(url, redis_url(), log, LOG_LEVEL="WARNING") as server:
+            forget_login_attempts(redis_url())
+            try:
+                yield server.base
+            finally:  # the fuzzer's wrong logins are no other test's business
+                forget_login_attempts(redis_url())
 
 
 def test_schemathesis_finds_nothing(fuzz_server: str) -> None:

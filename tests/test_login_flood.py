@@ -2,9 +2,6 @@
 public reads their connections and their CPU, and leaves no connection idle in a transaction."""
 
 import asyncio
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,8 +14,8 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from alembic import command
-from tests.conftest import ADMIN_PASSWORD, ROOT, alembic_config_for, redis_url, scratch_database
-from tests.servers import unused_port, wait_until
+from tests.conftest import ADMIN_PASSWORD, alembic_config_for, redis_url, scratch_database
+from tests.servers import serve_api
 
 LOGINS = 100
 # A pool far smaller than the flood: before the fix every login held one of these while its
@@ -43,37 +40,13 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """uvicorn on a spare port, on a migrated database of its own."""
-    port = unused_port()
-    log = tmp_path_factory.mktemp("login-flood") / "uvicorn.log"
+    """The API served as everywhere (server.py) on a spare port, on a migrated database of its
+    own."""
+    log = tmp_path_factory.mktemp("login-flood") / "server.log"
     with scratch_database("test_login_flood") as url:
         command.upgrade(alembic_config_for(url), "head")
-        env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url(), **SERVER_ENV}
-        with log.open("w") as output:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "main:app", "--port", str(port)],
-                cwd=ROOT,
-                env=env,
-                stdout=output,
-                stderr=output,
-            )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            wait_until(
-                lambda: _answers(f"{base}/health") or process.poll() is not None, 30, "uvicorn"
-            )
-            assert process.poll() is None, log.read_text()
-            yield Server(base, url, log)
-        finally:
-            process.terminate()
-            process.wait(timeout=20)
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
+        with serve_api(url, redis_url(), log, **SERVER_ENV) as served:
+            yield Server(served.base, url, log)
 
 
 @dataclass

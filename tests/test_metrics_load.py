@@ -7,14 +7,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
 from alembic import command
 from tests.conftest import ROOT, alembic_config_for, redis_url, scratch_database
-from tests.servers import ApiServer
+from tests.servers import forget_login_attempts, serve_api
 
 # Every group_by over half a year of 2,000 facts a day: a few seconds each on this machine.
 HEAVIEST = {
@@ -33,10 +32,7 @@ BURST = 12
 def loaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A small main pool (4) and two analytics turns, so a burst would starve it without them."""
     with scratch_database("test_metrics_load") as url:
-        env = {
-            **os.environ,
-            "DATABASE_URL": url,
-            "REDIS_URL": redis_url(),
+        settings = {
             "LOG_LEVEL": "WARNING",
             "DB_POOL_SIZE": "4",
             "DB_MAX_OVERFLOW": "0",
@@ -44,13 +40,15 @@ def loaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             "METRICS_MAX_CONCURRENT": "2",
             "METRICS_QUEUE_SECONDS": "1",
         }
+        env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url()}
         command.upgrade(alembic_config_for(url), "head")
         seed = [sys.executable, "cli.py", "seed-metrics", "--days", "180", "--rows-per-day"]
         seed += ["2000", "--end-date", "2026-11-10"]
         subprocess.run(seed, cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
         log = tmp_path_factory.mktemp("metrics_load") / "uvicorn.log"
-        with ApiServer(env, Path(log)) as server:
-            yield server.base_url
+        with serve_api(url, redis_url(), log, **settings) as server:
+            forget_login_attempts(redis_url())
+            yield server.base
 
 
 async def test_a_burst_of_the_heaviest_questions_leaves_pet_reads_fast(loaded_server: str) -> None:

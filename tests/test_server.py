@@ -3,13 +3,9 @@ timeouts, raw sockets for the slow and oversized clients; and the body limit in-
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import suppress
 from pathlib import Path
 
 import httpx
@@ -24,12 +20,11 @@ from settings import Settings
 from tests.conftest import (
     ADMIN_PASSWORD,
     ADMIN_USERNAME,
-    ROOT,
     alembic_config_for,
     redis_url,
     scratch_database,
 )
-from tests.servers import unused_port, wait_until
+from tests.servers import ApiServer, answers, serve_api
 
 HEADER_TIMEOUT = 1.0
 BODY_TIMEOUT = 1.0
@@ -38,59 +33,7 @@ SLACK = 3.0
 MB = 1024 * 1024
 
 
-@dataclass
-class Served:
-    port: int
-    pid: int
-    log: Path
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=1).status_code == 200
-    except httpx.TransportError:
-        return False
-
-
-@contextmanager
-def serve(database_url: str, log: Path, **settings: str) -> Iterator[Served]:
-    """`python server.py` as the Dockerfile runs it, on a spare port (one process: its pid is
-    uvicorn's)."""
-    port = unused_port()
-    env = {
-        **os.environ,
-        "DATABASE_URL": database_url,
-        "REDIS_URL": redis_url(),
-        "PYTHONUNBUFFERED": "1",
-        **settings,
-    }
-    with log.open("w") as output:
-        process = subprocess.Popen(
-            [sys.executable, "server.py", "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT,
-            env=env,
-            stdout=output,
-            stderr=output,
-        )
-    try:
-        wait_until(
-            lambda: _answers(f"http://127.0.0.1:{port}/health") or process.poll() is not None,
-            30,
-            "server.py",
-        )
-        assert process.poll() is None, log.read_text()
-        yield Served(port=port, pid=process.pid, log=log)
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
+Served = ApiServer
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +46,9 @@ def served_database() -> Iterator[str]:
 @pytest.fixture(scope="module")
 def server(served_database: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with serve(
+    with serve_api(
         served_database,
+        redis_url(),
         log,
         HTTP_HEADER_TIMEOUT_SECONDS=str(HEADER_TIMEOUT),
         HTTP_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT),
@@ -375,7 +319,7 @@ async def test_eight_64_mb_uploads_leave_the_server_memory_flat(server: Served) 
     after = memory_kb(server.pid, "VmRSS")
     print(f"RSS before {before // 1024} MB, peak {peak // 1024} MB, after {after // 1024} MB")
     assert peak - before < 50 * 1024
-    assert _answers(f"{server.base}/health")
+    assert answers(f"{server.base}/health")
 
 
 # --- what still works ----------------------------------------------------------------------------
@@ -437,8 +381,9 @@ def test_a_rotated_x_forwarded_for_does_not_change_the_client_address(server: Se
 def test_x_forwarded_for_is_believed_from_a_configured_proxy(
     served_database: str, tmp_path: Path
 ) -> None:
-    with serve(
-        served_database, tmp_path / "proxied.log", FORWARDED_ALLOW_IPS="127.0.0.1"
+    proxied_log = tmp_path / "proxied.log"
+    with serve_api(
+        served_database, redis_url(), proxied_log, FORWARDED_ALLOW_IPS="127.0.0.1"
     ) as proxied:
         assert _access_log_clients(proxied) == FORWARDED_FOR
 
