@@ -5,6 +5,7 @@ import csv
 import io
 import logging
 import os
+import re
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
@@ -412,16 +413,9 @@ def versions_named(if_match: str | None, pet_id: int) -> list[int] | None:
     `*`). Weak or foreign tags never match (strong comparison, RFC 9110 13.1.1)."""
     if if_match is None or if_match.strip() == "*":
         return None
-    prefix = f'"{pet_id}-'
-    tags = (tag.strip() for tag in if_match.split(","))
-    return [
-        int(tag[len(prefix) : -1])
-        for tag in tags
-        if tag.startswith(prefix)
-        and tag.endswith('"')
-        and tag[len(prefix) : -1].isdigit()
-        and len(tag) < 40
-    ]
+    ours = re.compile(rf'"{pet_id}-([0-9]{{1,10}})"')
+    tags = (ours.fullmatch(tag.strip()) for tag in if_match.split(","))
+    return [version for tag in tags if tag and (version := int(tag[1])) <= INT32_MAX]
 
 
 def _etag_matches(if_none_match: str, etag: str) -> bool:

@@ -90,8 +90,12 @@ async def test_a_write_with_a_stale_if_match_is_412_and_changes_nothing(
     stale = (await client.get(url)).headers["etag"]
     changed = await client.patch(url, json={"name": "Max"}, headers=auth_headers)
     body = {"name": "Bella", "pet_type": "cat"} if method != "DELETE" else None
-    for if_match in (stale, f"W/{changed.headers['etag']}", '"1-1", "x"'):
-        headers = {**auth_headers, "If-Match": if_match}
+    foreign = ['"1-1", "x"', f'"{pet["id"]}-\u00b2"', f'"{pet["id"]}-99999999999"']
+    for if_match in [stale, f"W/{changed.headers['etag']}", *foreign]:
+        headers = {
+            name.encode(): value.encode("latin-1")
+            for name, value in {**auth_headers, "If-Match": if_match}.items()
+        }
         response = await client.request(method, url, json=body, headers=headers)
         problem = assert_problem(response, 412)
         assert "changed" in problem["detail"]
