@@ -312,6 +312,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         proxy_headers=bool(settings.FORWARDED_ALLOW_IPS),
         forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS or None,
         workers=settings.WEB_CONCURRENCY,
+        # uvicorn's own logs (the access log is INFO) follow the service's LOG_LEVEL.
+        log_level=settings.LOG_LEVEL.lower(),
     )
 
 

@@ -114,10 +114,16 @@ def psql_copy_seconds(url: str) -> float:
 
 @contextmanager
 def server(app: str, url: str, port: int) -> Iterator[str]:
+    """The service as shipped (python server.py) or a baseline app under plain uvicorn; both
+    without an access log."""
+    serve = (
+        ["server.py"]
+        if app == "main:app"
+        else ["-m", "uvicorn", app, "--no-access-log", "--log-level", "warning"]
+    )
     process = subprocess.Popen(
-        ["taskset", "-c", "0", sys.executable, "-m", "uvicorn", app, "--port", str(port),
-         "--no-access-log", "--log-level", "warning"],
-        cwd=ROOT, env={**os.environ, "DATABASE_URL": url},
+        ["taskset", "-c", "0", sys.executable, *serve, "--port", str(port)],
+        cwd=ROOT, env={**os.environ, "DATABASE_URL": url, "LOG_LEVEL": "WARNING"},
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
