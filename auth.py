@@ -1,8 +1,6 @@
 """Password hashing, login throttling, access tokens, and the `CurrentUser` dependency."""
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -19,9 +17,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import crud
 from db import SessionDep
-from errors import TooManyRequests, Unauthorized, Unavailable
+from errors import TooManyRequests, Unauthorized
 from models import INT32_MAX, Token, User
 from settings import PLACEHOLDER_ADMIN_PASSWORD, Settings
+from turns import Turns
 
 ALGORITHM = "HS256"
 
@@ -99,7 +98,7 @@ class LoginGuard:
     settings: Settings
     reserve: AsyncScript
     release: AsyncScript
-    verification_slots: asyncio.Semaphore
+    verification_slots: Turns
     read_engine: AsyncEngine
 
 
@@ -108,7 +107,11 @@ def create_login_guard(settings: Settings, redis: Redis, read_engine: AsyncEngin
         settings=settings,
         reserve=redis.register_script(RESERVE_LOGIN_ATTEMPT),
         release=redis.register_script(RELEASE_LOGIN_ATTEMPT),
-        verification_slots=asyncio.Semaphore(settings.LOGIN_MAX_CONCURRENT_HASHES),
+        verification_slots=Turns(
+            settings.LOGIN_MAX_CONCURRENT_HASHES,
+            settings.LOGIN_HASH_WAIT_SECONDS,
+            "Too many logins at once; try again shortly.",
+        ),
         read_engine=read_engine,
     )
 
@@ -154,20 +157,6 @@ async def release_login_attempt(guard: LoginGuard, keys: list[str], *, succeeded
     await guard.release(keys, [1 if succeeded else 0])
 
 
-@asynccontextmanager
-async def verification_slot(guard: LoginGuard) -> AsyncIterator[None]:
-    """One of the few concurrent password verifications, or 503 after a short wait."""
-    try:
-        async with asyncio.timeout(guard.settings.LOGIN_HASH_WAIT_SECONDS):
-            await guard.verification_slots.acquire()
-    except TimeoutError:
-        raise Unavailable("Too many logins at once; try again shortly.") from None
-    try:
-        yield
-    finally:
-        guard.verification_slots.release()
-
-
 async def authenticate(guard: LoginGuard, username: str, password: str) -> User | None:
     """The user, if the password is theirs. The user is looked up on a connection that goes back
     to the pool before the password is hashed: no pooled connection waits on the hash."""
@@ -176,7 +165,7 @@ async def authenticate(guard: LoginGuard, username: str, password: str) -> User 
         return None
     async with guard.read_engine.connect() as connection:
         user = await crud.get_user_by_username(connection, username)
-    async with verification_slot(guard):
+    async with guard.verification_slots.take():
         if user is None:
             await verify_password(password, dummy_hash())
             return None

@@ -1,7 +1,6 @@
 """The async engine, the session factory, and the per-request session and connection
 dependencies."""
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -16,8 +15,8 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from errors import Unavailable
 from settings import Settings
+from turns import Turns
 
 SessionMaker = async_sessionmaker[AsyncSession]
 
@@ -45,6 +44,9 @@ def create_engine(
                 # Compiling a query to machine code costs 100 ms and more; the service's
                 # queries are done long before that pays off.
                 "jit": "off",
+                # A statement whose client is gone (a request cancelled, a connection dropped)
+                # stops within half a second instead of running to its end (PostgreSQL 14+).
+                "client_connection_check_interval": "500",
             },
         },
     )
@@ -89,24 +91,26 @@ async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
 ConnectionDep = Annotated[AsyncConnection, Depends(get_connection)]
 
 
+async def get_listing_connection(request: Request) -> AsyncIterator[AsyncConnection]:
+    """A connection of the main pool for a pet listing, once one of PETS_LIST_MAX_CONCURRENT
+    turns is free: a name search scans the table, so a flood of them must not take the pool
+    (or every core) from reads by id, logins and writes."""
+    turns: Turns = request.app.state.listing_turns
+    engine: AsyncEngine = request.app.state.read_engine
+    async with turns.take(), engine.connect() as connection:
+        yield connection
+
+
+ListingConnectionDep = Annotated[AsyncConnection, Depends(get_listing_connection)]
+
+
 async def get_metrics_connection(request: Request) -> AsyncIterator[AsyncConnection]:
     """A connection of the analytics pool, once one of its METRICS_MAX_CONCURRENT turns is free
     (503 after METRICS_QUEUE_SECONDS): heavy questions queue here, not in the main pool."""
-    settings: Settings = request.app.state.settings
-    turns: asyncio.Semaphore = request.app.state.metrics_turns
-    try:
-        async with asyncio.timeout(settings.METRICS_QUEUE_SECONDS):
-            await turns.acquire()
-    except TimeoutError:
-        raise Unavailable(
-            "Too many analytics questions are running; retry shortly, or narrow the question."
-        ) from None
-    try:
-        engine: AsyncEngine = request.app.state.metrics_engine
-        async with engine.connect() as connection:
-            yield connection
-    finally:
-        turns.release()
+    turns: Turns = request.app.state.metrics_turns
+    engine: AsyncEngine = request.app.state.metrics_engine
+    async with turns.take(), engine.connect() as connection:
+        yield connection
 
 
 MetricsConnectionDep = Annotated[AsyncConnection, Depends(get_metrics_connection)]

@@ -44,6 +44,7 @@ from auth import (
 )
 from db import (
     ConnectionDep,
+    ListingConnectionDep,
     MetricsConnectionDep,
     SessionDep,
     SessionMaker,
@@ -62,7 +63,7 @@ from errors import (
     UnsupportedMediaType,
     classify_db_error,
 )
-from middleware import HeadAsGet, SecurityHeaders
+from middleware import CancelOnDisconnect, HeadAsGet, SecurityHeaders
 from models import (
     DIMENSIONS,
     INT32_MAX,
@@ -89,6 +90,7 @@ from models import (
 )
 from server import LimitRequestBody
 from settings import HEARTBEAT_KEY, Settings, configure_logging, get_settings
+from turns import Turns
 
 log = logging.getLogger("pets.api")
 
@@ -167,7 +169,16 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         pool_size=settings.METRICS_MAX_CONCURRENT,
     )
     app.state.metrics_engine = autocommit(metrics_engine)
-    app.state.metrics_turns = asyncio.Semaphore(settings.METRICS_MAX_CONCURRENT)
+    app.state.metrics_turns = Turns(
+        settings.METRICS_MAX_CONCURRENT,
+        settings.METRICS_QUEUE_SECONDS,
+        "Too many analytics questions are running; retry shortly, or narrow the question.",
+    )
+    app.state.listing_turns = Turns(
+        settings.PETS_LIST_MAX_CONCURRENT,
+        settings.PETS_LIST_QUEUE_SECONDS,
+        "Too many pet listings are running; retry shortly.",
+    )
     app.state.dimension_names = crud.NameCache()
     app.state.redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
     app.state.login_guard = create_login_guard(settings, app.state.redis, app.state.read_engine)
@@ -500,8 +511,8 @@ async def issue_access_token(
 
 
 @router.get("/pets", tags=["pets"], responses=problems(422, 503))
-async def list_pets(db: ConnectionDep, query: Annotated[PetQuery, Query()]) -> PetPage:
-    """List pets, filtered, sorted and paged."""
+async def list_pets(db: ListingConnectionDep, query: Annotated[PetQuery, Query()]) -> PetPage:
+    """List pets, filtered, sorted and paged (a few listings at a time; 503 when all are busy)."""
     pets, total = await crud.list_pets(db, query)
     return PetPage(items=pets, total=total, limit=query.limit, offset=query.offset)
 
@@ -828,6 +839,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.add_middleware(RejectUndecodableUrls)
     app.add_middleware(LimitRequestBody, settings=settings)
+    app.add_middleware(CancelOnDisconnect, paths=frozenset({"/metrics"}))
     app.add_middleware(HeadAsGet)
     app.add_middleware(SecurityHeaders)
     app.add_exception_handler(RequestValidationError, on_validation_error)

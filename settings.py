@@ -58,6 +58,10 @@ class Settings(BaseSettings):
     METRICS_QUEUE_SECONDS: float = Field(default=2.0, ge=0, le=60)
     # statement_timeout of the analytics pool: a question that runs longer is 503.
     METRICS_STATEMENT_TIMEOUT_MS: int = Field(default=30_000, ge=1)
+    # GET /pets (a name search scans the table) runs this many at a time per process; one more
+    # waits up to PETS_LIST_QUEUE_SECONDS, then gets 503 + Retry-After.
+    PETS_LIST_MAX_CONCURRENT: int = Field(default=4, ge=1, le=100)
+    PETS_LIST_QUEUE_SECONDS: float = Field(default=2.0, ge=0, le=60)
     # Login throttle: each attempt is reserved on three counters before its password is checked
     # (429 when one is full); a success gives its reservation back, a failure stays counted.
     # Per username from one client address: what stops guessing at one account.

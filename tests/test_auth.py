@@ -34,6 +34,7 @@ from tests.conftest import (
     make_settings,
     run_cli,
 )
+from turns import Turns
 
 
 async def login(client: httpx.AsyncClient, username: str, password: str) -> httpx.Response:
@@ -134,8 +135,9 @@ def login_settings(app: FastAPI) -> Iterator[Callable[..., None]]:
 
     def use(slots: int | None = None, **overrides: object) -> None:
         settings = guard.settings.model_copy(update={"LOGIN_HASH_WAIT_SECONDS": 30, **overrides})
-        semaphore = guard.verification_slots if slots is None else asyncio.Semaphore(slots)
-        app.state.login_guard = replace(guard, settings=settings, verification_slots=semaphore)
+        slots_now = guard.verification_slots
+        turns = Turns(slots or slots_now.size, settings.LOGIN_HASH_WAIT_SECONDS, slots_now.busy)
+        app.state.login_guard = replace(guard, settings=settings, verification_slots=turns)
 
     use()
     yield use

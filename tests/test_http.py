@@ -4,6 +4,7 @@ never fails on bad data, and analytics that queue on their own pool."""
 
 import asyncio
 import re
+from contextlib import AsyncExitStack
 from typing import Any
 
 import httpx
@@ -14,6 +15,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 from settings import HEARTBEAT_KEY
 from tests.conftest import client_for, make_settings
 from tests.test_pets import assert_problem, create, pet_count
+from turns import Turns
 
 # --- HEAD ----------------------------------------------------------------------------------
 
@@ -338,6 +340,8 @@ async def governed_app(database_url: str) -> Any:
         METRICS_MAX_CONCURRENT=2,
         METRICS_QUEUE_SECONDS=0.2,
         METRICS_STATEMENT_TIMEOUT_MS=4321,
+        PETS_LIST_MAX_CONCURRENT=2,
+        PETS_LIST_QUEUE_SECONDS=0.2,
     )
     application = create_app(settings)
     async with LifespanManager(application):
@@ -347,12 +351,12 @@ async def governed_app(database_url: str) -> Any:
 async def test_analytics_beyond_the_limit_wait_briefly_then_get_503_with_retry_after(
     governed_app: FastAPI,
 ) -> None:
-    turns: asyncio.Semaphore = governed_app.state.metrics_turns
+    turns: Turns = governed_app.state.metrics_turns
     async with client_for(governed_app) as client:
         assert (await client.get("/metrics")).status_code == 200
-        await turns.acquire()
-        await turns.acquire()
-        try:
+        async with AsyncExitStack() as taken:
+            for _ in range(turns.size):  # every turn busy
+                await taken.enter_async_context(turns.take())
             started = asyncio.get_running_loop().time()
             busy = await client.get("/metrics")
             waited = asyncio.get_running_loop().time() - started
@@ -361,10 +365,22 @@ async def test_analytics_beyond_the_limit_wait_briefly_then_get_503_with_retry_a
             assert int(busy.headers["retry-after"]) >= 1
             assert 0.2 <= waited < 2
             assert (await client.get("/pets")).status_code == 200  # other routes unaffected
-        finally:
-            turns.release()
-            turns.release()
         assert (await client.get("/metrics")).status_code == 200
+
+
+async def test_pet_listings_beyond_the_limit_get_503_while_reads_by_id_go_on(
+    governed_app: FastAPI,
+) -> None:
+    turns: Turns = governed_app.state.listing_turns
+    async with client_for(governed_app) as client:
+        async with AsyncExitStack() as taken:
+            for _ in range(turns.size):
+                await taken.enter_async_context(turns.take())
+            problem = assert_problem(await client.get("/pets", params={"name": "x"}), 503)
+            assert "listings" in problem["detail"]
+            assert (await client.get("/pets/1")).status_code in (200, 404)
+            assert (await client.get("/metrics")).status_code == 200
+        assert (await client.get("/pets")).status_code == 200
 
 
 async def test_analytics_run_on_a_pool_of_their_own_with_their_own_statement_timeout(

@@ -7,9 +7,12 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from urllib.parse import urlencode
 
+import asyncpg
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
 from alembic import command
 from tests.conftest import ROOT, alembic_config_for, redis_url, scratch_database
@@ -29,7 +32,7 @@ BURST = 12
 
 
 @pytest.fixture(scope="module")
-def loaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def loaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """A small main pool (4) and two analytics turns, so a burst would starve it without them."""
     with scratch_database("test_metrics_load") as url:
         settings = {
@@ -48,11 +51,13 @@ def loaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log = tmp_path_factory.mktemp("metrics_load") / "uvicorn.log"
         with serve_api(url, redis_url(), log, **settings) as server:
             forget_login_attempts(redis_url())
-            yield server.base
+            yield server.base, url
 
 
-async def test_a_burst_of_the_heaviest_questions_leaves_pet_reads_fast(loaded_server: str) -> None:
-    async with httpx.AsyncClient(base_url=loaded_server, timeout=60) as client:
+async def test_a_burst_of_the_heaviest_questions_leaves_pet_reads_fast(
+    loaded_server: tuple[str, str],
+) -> None:
+    async with httpx.AsyncClient(base_url=loaded_server[0], timeout=60) as client:
         token = (
             await client.post(
                 "/auth/token", data={"username": "admin", "password": os.environ["ADMIN_PASSWORD"]}
@@ -82,3 +87,40 @@ async def test_a_burst_of_the_heaviest_questions_leaves_pet_reads_fast(loaded_se
     assert {status for status, _ in reads} == {200}, reads
     slowest = max(seconds for _, seconds in reads)
     assert slowest < 1.0, f"slowest pet read {slowest:.2f} s during the burst"
+
+
+async def running_metrics_statements(database_url: str) -> int:
+    url = make_url(database_url).set(drivername="postgresql").render_as_string(False)
+    connection = await asyncpg.connect(url)
+    try:
+        count: int = await connection.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE application_name = 'pets-api-metrics' AND state = 'active'"
+        )
+    finally:
+        await connection.close()
+    return count
+
+
+async def test_questions_whose_clients_hang_up_give_back_their_turns_at_once(
+    loaded_server: tuple[str, str],
+) -> None:
+    base, database_url = loaded_server
+    port = int(base.rsplit(":", 1)[1])
+    query = urlencode(HEAVIEST, doseq=True)
+    for _ in range(4):  # two turns taken, two waiting: then every client hangs up
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(f"GET /metrics?{query} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await writer.drain()
+        writer.close()
+    await asyncio.sleep(0.5)
+    async with httpx.AsyncClient(base_url=base, timeout=30) as client:
+        started = time.monotonic()
+        light = await client.get("/metrics", params={"preset": "last_7d"})
+        waited = time.monotonic() - started
+    assert light.status_code == 200, light.text
+    assert waited < 0.9, f"a light question waited {waited:.2f} s behind abandoned ones"
+    deadline = time.monotonic() + 2
+    while await running_metrics_statements(database_url) and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+    assert await running_metrics_statements(database_url) == 0, "abandoned statements ran on"

@@ -1,0 +1,34 @@
+"""Bounded concurrency for expensive work: a few at a time per process; one more waits briefly
+for a turn, then is answered 503 with Retry-After, so cheap requests keep their share."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from errors import Unavailable
+
+
+@dataclass
+class Turns:
+    """`size` turns; a caller waits up to `wait_seconds` for one, then gets `busy` as a 503."""
+
+    size: int
+    wait_seconds: float
+    busy: str
+    _free: asyncio.Semaphore = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._free = asyncio.Semaphore(self.size)
+
+    @asynccontextmanager
+    async def take(self) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(self.wait_seconds):
+                await self._free.acquire()
+        except TimeoutError:
+            raise Unavailable(self.busy) from None
+        try:
+            yield
+        finally:
+            self._free.release()
