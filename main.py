@@ -63,7 +63,7 @@ from errors import (
     UnsupportedMediaType,
     classify_db_error,
 )
-from middleware import CancelOnDisconnect, HeadAsGet, SecurityHeaders
+from middleware import CancelOnDisconnect, HeadAsGet, SecurityHeaders, security_headers
 from models import (
     DIMENSIONS,
     INT32_MAX,
@@ -296,8 +296,10 @@ async def on_database_error(request: Request, error: Exception) -> JSONResponse:
 
 
 async def on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
-    # The traceback goes to the log (Starlette re-raises after this), never to the client.
-    return problem_response(500, "An unexpected error occurred.")
+    # The traceback goes to the log (Starlette re-raises after this), never to the client. This
+    # response is sent from outside every middleware, so it carries the security headers itself.
+    headers = security_headers(request.url.path)
+    return problem_response(500, "An unexpected error occurred.", headers=headers)
 
 
 def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -323,6 +325,11 @@ def openapi_with_problems(app: FastAPI) -> dict[str, Any]:
             operation["responses"].setdefault("400", {"description": "Bad Request"})
             if "204" not in operation["responses"]:  # Accept names no type the route sends
                 operation["responses"].setdefault("406", {"description": "Not Acceptable"})
+            # What server.py answers for any request: too slow, too large, headers too large.
+            for status in (408, 413, 431):
+                operation["responses"].setdefault(
+                    str(status), {"description": HTTPStatus(status).phrase}
+                )
             for status, response in operation.get("responses", {}).items():
                 if int(status) >= 400:
                     response["content"] = {PROBLEM_MEDIA_TYPE: problem_ref}
@@ -378,6 +385,11 @@ async def require_json_body(request: Request) -> None:
             raise UnsupportedMediaType(
                 f"The body must be JSON (Content-Type: application/json), not {media_type!r}."
             )
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding != "identity":
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not accepted; send plain JSON."
+        )
     try:
         (await request.body()).decode("utf-8")
     except UnicodeDecodeError:
@@ -397,7 +409,8 @@ async def negotiate(request: Request) -> str:
     accepts none of the route's. Errors are always sent as problem+json (RFC 9110 allows it)."""
     route = request.scope["route"]
     offered = OFFERED_MEDIA_TYPES.get(route.path_format, (JSON,))
-    accept = request.headers.get("accept")
+    # Several Accept lines are one list (RFC 9110 5.3); media types are case-insensitive.
+    accept = ", ".join(request.headers.getlist("accept")).lower()
     if not accept or route.status_code == 204:
         return offered[-1]
     try:
@@ -424,7 +437,7 @@ def versions_named(if_match: str | None, pet_id: int) -> list[int] | None:
     `*`). Weak or foreign tags never match (strong comparison, RFC 9110 13.1.1)."""
     if if_match is None or if_match.strip() == "*":
         return None
-    ours = re.compile(rf'"{pet_id}-([0-9]{{1,10}})"')
+    ours = re.compile(rf'"{pet_id}-(0|[1-9][0-9]{{0,9}})"')  # exactly as etag_of writes it
     tags = (ours.fullmatch(tag.strip()) for tag in if_match.split(","))
     return [version for tag in tags if tag and (version := int(tag[1])) <= INT32_MAX]
 
@@ -449,8 +462,12 @@ IfMatch = Annotated[
 ETAG_HEADER = {"ETag": {"description": "The pet's version", "schema": {"type": "string"}}}
 
 
-async def if_match_versions(pet_id: PetId, if_match: IfMatch = None) -> list[int] | None:
-    return versions_named(if_match, pet_id)
+async def if_match_versions(
+    request: Request, pet_id: PetId, if_match: IfMatch = None
+) -> list[int] | None:
+    # The parameter validates and documents the header; several If-Match lines are one list.
+    lines = request.headers.getlist("if-match")
+    return versions_named(", ".join(lines) if if_match is not None else None, pet_id)
 
 
 PET_WRITE_RESPONSES = {
@@ -523,7 +540,10 @@ async def list_pets(db: ListingConnectionDep, query: Annotated[PetQuery, Query()
     response_model=PetPublic,
     responses={
         200: {"headers": ETAG_HEADER},
-        304: {"description": "Not Modified: the ETag in If-None-Match is current"},
+        304: {
+            "description": "Not Modified: the ETag in If-None-Match is current",
+            "headers": ETAG_HEADER,
+        },
         **problems(404, 422, 503),
     },
 )
@@ -703,6 +723,7 @@ def metrics_csv(page: MetricsPage, group_by: Sequence[str]) -> StreamingResponse
     headers = {
         "Content-Disposition": 'attachment; filename="metrics.csv"',
         "X-Total-Rows": str(page.total_rows),
+        "Vary": "Accept",
     }
     return StreamingResponse(lines(), media_type="text/csv; charset=utf-8", headers=headers)
 
@@ -723,6 +744,7 @@ async def get_metrics(
     query: Annotated[MetricsQuery, Query()],
     today: Annotated[date, Depends(utc_today)],
     media_type: MediaType,
+    response: Response,
 ) -> MetricsPage | StreamingResponse:
     """Ad metrics summed over a date range, filtered and grouped by dimensions, with ratios.
 
@@ -741,6 +763,7 @@ async def get_metrics(
         offset=query.offset,
     )
     page = await crud.query_metrics(db, plan)
+    response.headers["Vary"] = "Accept"  # JSON or CSV by Accept (unless format= says)
     wants_csv = query.format == "csv" or (query.format is None and media_type == CSV)
     return metrics_csv(page, query.group_by) if wants_csv else page
 

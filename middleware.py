@@ -17,11 +17,18 @@ DOCS_CSP = (
 )
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 SECURITY_HEADERS = {
+    "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
     "Cross-Origin-Resource-Policy": "same-origin",
 }
+
+
+def security_headers(path: str) -> dict[str, str]:
+    """The headers every response carries (the middleware keeps a route's own Cache-Control)."""
+    csp = DOCS_CSP if path in DOCS_PATHS else API_CSP
+    return {**SECURITY_HEADERS, "Content-Security-Policy": csp}
 
 
 class SecurityHeaders:
@@ -36,15 +43,14 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        csp = DOCS_CSP if scope["path"] in DOCS_PATHS else API_CSP
+        added = security_headers(scope["path"])
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
-                for name, value in SECURITY_HEADERS.items():
-                    headers[name] = value
-                headers["Content-Security-Policy"] = csp
-                headers.setdefault("Cache-Control", "no-store")
+                for name, value in added.items():
+                    if name != "Cache-Control" or name not in headers:
+                        headers[name] = value
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -13,6 +13,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from middleware import security_headers
 from models import Problem
 from settings import Settings, get_settings
 
@@ -281,6 +282,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         lines = [STATUS_LINE[status]]
         defaults = self.server_state.default_headers
         lines += [name + b": " + value + b"\r\n" for name, value in defaults]
+        lines += [f"{name}: {value}\r\n".encode() for name, value in security_headers("").items()]
         lines += [
             b"content-type: " + PROBLEM_MEDIA_TYPE + b"\r\n",
             b"content-length: " + str(len(body)).encode() + b"\r\n",

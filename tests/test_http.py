@@ -392,3 +392,67 @@ async def test_analytics_run_on_a_pool_of_their_own_with_their_own_statement_tim
     async with engine.connect() as connection:
         timeout = (await connection.exec_driver_sql("SHOW statement_timeout")).scalar_one()
     assert timeout == "4321ms"
+
+
+# --- details an outside review found ---------------------------------------------------------
+
+
+async def test_media_types_in_accept_are_case_insensitive(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/pets", headers={"Accept": "Application/JSON"})).is_success
+    csv = await client.get("/metrics", headers={"Accept": "TEXT/CSV"})
+    assert csv.headers["content-type"].startswith("text/csv")
+    assert csv.headers["vary"] == "Accept"
+    assert (await client.get("/metrics")).headers["vary"] == "Accept"
+
+
+async def test_if_match_on_several_lines_is_one_list_and_compared_exactly(
+    client: httpx.AsyncClient, auth_headers: dict[str, str]
+) -> None:
+    pet = await create(client, auth_headers, name="Rex", pet_type="dog")
+    url = f"/pets/{pet['id']}"
+    etag = (await client.get(url)).headers["etag"]
+    padded = etag.replace("-", "-0")
+    assert_problem(
+        await client.patch(url, json={"name": "A"}, headers={**auth_headers, "If-Match": padded}),
+        412,
+    )
+    lines = [*auth_headers.items(), ("If-Match", '"0-0"'), ("If-Match", etag)]
+    assert (await client.patch(url, json={"name": "B"}, headers=lines)).status_code == 200
+
+
+async def test_a_compressed_body_is_415(
+    client: httpx.AsyncClient, auth_headers: dict[str, str], session: AsyncSession
+) -> None:
+    before = await pet_count(session)
+    headers = {**auth_headers, "Content-Type": "application/json", "Content-Encoding": "gzip"}
+    response = await client.post("/pets", content=b'{"name": "Rex", "pet_type": "dog"}', headers=headers)  # fmt: skip  # noqa: E501
+    assert_problem(response, 415)
+    assert await pet_count(session) == before
+
+
+async def test_a_crash_is_a_bare_500_with_the_security_headers(
+    app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import crud
+
+    async def broken(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(crud, "get_pet", broken)
+    async with client_for(app, raise_app_exceptions=False) as client:
+        response = await client.get("/pets/1")
+    problem = assert_problem(response, 500)
+    assert "bug" not in str(problem)
+    assert response.headers["x-content-type-options"] == "nosniff"
+    assert response.headers["content-security-policy"].startswith("default-src 'none'")
+    assert response.headers["cache-control"] == "no-store"
+
+
+async def test_the_openapi_document_declares_the_servers_own_answers(
+    client: httpx.AsyncClient,
+) -> None:
+    paths = (await client.get("/openapi.json")).json()["paths"]
+    for operations in paths.values():
+        for operation in operations.values():
+            assert {"408", "413", "431"} <= set(operation["responses"])
+    assert "ETag" in paths["/pets/{pet_id}"]["get"]["responses"]["304"]["headers"]

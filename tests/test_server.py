@@ -239,6 +239,9 @@ async def test_a_64_kb_header_is_431_and_the_connection_is_closed(server: Served
     writer.close()
     assert status_of(received) == 431
     problem_of(received)
+    head = received.split(b"\r\n\r\n", 1)[0].lower()
+    assert b"\r\nx-content-type-options: nosniff" in head  # the protocol's answers too
+    assert b"\r\ncontent-security-policy: default-src 'none'" in head
 
 
 async def test_a_content_length_of_64_mb_is_413_before_the_body_is_sent(server: Served) -> None:
