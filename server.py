@@ -10,9 +10,11 @@ import uvicorn
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.config import Config
+from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from errors import RETRY_AFTER_SECONDS
 from middleware import security_headers
 from models import Problem
 from settings import Settings, get_settings
@@ -92,6 +94,20 @@ class LimitRequestBody:
         await self.app(scope, limited_receive, guarded_send)
 
 
+async def busy_problem(scope: Scope, receive: Receive, send: Send) -> None:
+    """503 problem for a request past HTTP_MAX_CONCURRENCY (uvicorn's own is plain text)."""
+    body = problem_body(503, "The server is at its connection limit; retry shortly.")
+    headers = [
+        (b"content-type", PROBLEM_MEDIA_TYPE),
+        (b"content-length", str(len(body)).encode()),
+        (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
+        (b"connection", b"close"),  # at the limit, a connection given back is worth most
+        *((name.encode(), value.encode()) for name, value in security_headers("").items()),
+    ]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
 # --- header size and slow clients, in the server -----------------------------------------------
 
 
@@ -113,6 +129,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.max_header_bytes = settings.HTTP_MAX_HEADER_BYTES
         self.header_timeout = settings.HTTP_HEADER_TIMEOUT_SECONDS
         self.body_timeout = settings.HTTP_BODY_TIMEOUT_SECONDS
+        self.max_connections_per_client = settings.HTTP_MAX_CONNECTIONS_PER_CLIENT
+        self.trusted_proxies = {ip.strip() for ip in settings.FORWARDED_ALLOW_IPS.split(",")}
         self.header_deadline: asyncio.TimerHandle | None = None
         self.body_deadline: asyncio.TimerHandle | None = None
         # A new connection waits for its first request's headers just as a begun request does.
@@ -127,7 +145,26 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if self._over_client_limit():
+            self._refuse(503, "Too many connections from this address; close some and retry.")
+            return
         self._arm_deadlines()
+
+    def _over_client_limit(self) -> bool:
+        """More open connections from this address than HTTP_MAX_CONNECTIONS_PER_CLIENT, so one
+        client cannot take every connection slot (trusted proxies speak for many, and are not
+        counted)."""
+        host = self.client[0] if self.client else None
+        if host is None or host in self.trusted_proxies:
+            return False
+        peers = (getattr(other, "client", None) for other in self.connections)
+        mine = sum(1 for peer in peers if peer and peer[0] == host)
+        return mine > self.max_connections_per_client
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        # uvicorn's answer past limit_concurrency is plain text; the API's is a problem.
+        chosen: Any = busy_problem if app is service_unavailable else app
+        super()._start_asgi_task(cycle, chosen)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_deadline()
@@ -283,6 +320,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         defaults = self.server_state.default_headers
         lines += [name + b": " + value + b"\r\n" for name, value in defaults]
         lines += [f"{name}: {value}\r\n".encode() for name, value in security_headers("").items()]
+        if status == 503:
+            lines.append(f"retry-after: {RETRY_AFTER_SECONDS}\r\n".encode())
         lines += [
             b"content-type: " + PROBLEM_MEDIA_TYPE + b"\r\n",
             b"content-length: " + str(len(body)).encode() + b"\r\n",

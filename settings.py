@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     HTTP_KEEP_ALIVE_SECONDS: int = Field(default=5, ge=1, le=300)
     # Connections plus running requests per process; beyond it uvicorn answers 503.
     HTTP_MAX_CONCURRENCY: int = Field(default=1000, ge=1)
+    # Open connections from one client address (not counting trusted proxies); beyond it a new
+    # one is answered 503 and closed, so one client cannot fill HTTP_MAX_CONCURRENCY alone.
+    HTTP_MAX_CONNECTIONS_PER_CLIENT: int = Field(default=100, ge=1)
     # Proxies (comma-separated addresses or networks) whose X-Forwarded-For/-Proto is believed;
     # empty: nobody's, so the client address is always the connection's own.
     FORWARDED_ALLOW_IPS: str = ""

@@ -77,8 +77,11 @@ def pet_id(server: Served) -> int:
 # --- raw HTTP over asyncio streams ---------------------------------------------------------------
 
 
-async def connect(server: Served) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection("127.0.0.1", server.port)
+async def connect(
+    server: Served, source: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw connection, from one of the loopback addresses (127.0.0.0/8 is all this machine)."""
+    return await asyncio.open_connection("127.0.0.1", server.port, local_addr=(source, 0))
 
 
 async def read_until_closed(reader: asyncio.StreamReader, within: float) -> bytes:
@@ -183,10 +186,10 @@ async def test_a_body_trickled_at_a_byte_per_0_3_s_gets_408_and_the_connection_i
     assert BODY_TIMEOUT * 0.8 <= elapsed < BODY_TIMEOUT + SLACK
 
 
-async def _slow_client(server: Served, kind: int) -> float:
+async def _slow_client(server: Served, kind: int, source: str = "127.0.0.1") -> float:
     """One of three slow clients (silent, half the headers, a trickled body); the seconds from
     its connecting until the server closed it."""
-    reader, writer = await connect(server)
+    reader, writer = await connect(server, source)
     started = time.monotonic()
     sender = None
     if kind == 1:
@@ -207,7 +210,9 @@ async def test_200_slow_clients_are_all_cut_off_while_pet_reads_stay_fast(
     server: Served, pet_id: int
 ) -> None:
     started = time.monotonic()
-    slow = asyncio.gather(*(_slow_client(server, i % 3) for i in range(200)))
+    # From four addresses other than the reader's, within the per-address connection limit.
+    sources = [f"127.0.0.{2 + i % 4}" for i in range(200)]
+    slow = asyncio.gather(*(_slow_client(server, i % 3, sources[i]) for i in range(200)))
     latencies: list[float] = []
     try:
         async with httpx.AsyncClient(base_url=server.base, timeout=5) as http:
@@ -501,3 +506,42 @@ async def test_a_request_that_arrives_whole_sets_no_deadline() -> None:
     assert protocol.header_deadline is None and protocol.body_deadline is None
     protocol.connection_lost(None)
     await asyncio.gather(*state.tasks)
+
+
+async def test_one_address_cannot_take_every_connection(server: Served, pet_id: int) -> None:
+    held = []
+    try:
+        for _ in range(100):  # the per-address limit (HTTP_MAX_CONNECTIONS_PER_CLIENT)
+            held.append(await connect(server, "127.0.0.9"))
+        reader, writer = await connect(server, "127.0.0.9")
+        refused = await read_until_closed(reader, SLACK)
+        writer.close()
+        assert status_of(refused) == 503
+        assert b"\r\nretry-after: " in refused.lower()
+        assert "Too many connections" in str(problem_of(refused)["detail"])
+        async with httpx.AsyncClient(base_url=server.base, timeout=5) as http:
+            assert (await http.get(f"/pets/{pet_id}")).status_code == 200  # everyone else
+    finally:
+        for _, writer in held:
+            writer.close()
+
+
+async def test_past_the_connection_limit_the_answer_is_a_503_problem(
+    served_database: str, tmp_path: Path
+) -> None:
+    with serve_api(
+        served_database, redis_url(), tmp_path / "small.log", HTTP_MAX_CONCURRENCY="3"
+    ) as small:
+        held = [await connect(small, f"127.0.0.{10 + n}") for n in range(3)]
+        try:
+            reader, writer = await connect(small)
+            writer.write(request("GET", "/health"))
+            received = await read_until_closed(reader, SLACK)
+            writer.close()
+        finally:
+            for _, other in held:
+                other.close()
+    assert status_of(received) == 503
+    assert b"\r\nretry-after: " in received.lower()
+    assert b"\r\nx-content-type-options: nosniff" in received.lower()
+    assert "connection limit" in str(problem_of(received)["detail"])
