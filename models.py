@@ -56,6 +56,8 @@ PATTERN_MESSAGES = {
 # A name also needs one letter, digit, punctuation mark or symbol: something a person can see.
 FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 VISIBLE_CATEGORY_CLASSES = frozenset("LNPS")
+# Letters and symbols that render as nothing: Hangul fillers and the blank Braille pattern.
+BLANK_CHARACTERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
 NAME_RULE = (
     "Trimmed. At least one letter, digit, punctuation mark or symbol; no control, format "
     "(zero-width, bidi override), private-use, unassigned, surrogate, line-separator or "
@@ -72,7 +74,11 @@ def printable_name(value: str) -> str:
             "must not contain control, format (zero-width, bidi), private-use, unassigned or "
             "line/paragraph separator characters"
         )
-    if not any(category[0] in VISIBLE_CATEGORY_CLASSES for category in categories):
+    visible = (
+        category[0] in VISIBLE_CATEGORY_CLASSES and character not in BLANK_CHARACTERS
+        for character, category in zip(value, categories, strict=True)
+    )
+    if not any(visible):
         raise ValueError(
             "must contain a visible character (a letter, digit, punctuation mark or symbol)"
         )

@@ -269,6 +269,9 @@ async def test_json_only_routes_answer_406_to_an_accept_they_cannot_meet(
         "Rex\U000e0080",  # unassigned
         "\u0301",  # a combining mark with nothing visible to mark
         "\u2066Rex\u2069",  # bidi isolates
+        "\u3164",  # a Hangul filler: a letter that renders as nothing
+        "\u115f\u1160",
+        "\u2800",  # the blank Braille pattern
     ],
 )
 async def test_names_that_hide_or_disrupt_text_are_422(
