@@ -472,7 +472,7 @@ async def if_match_versions(
 
 PET_WRITE_RESPONSES = {
     200: {"headers": ETAG_HEADER},
-    **problems(401, 404, 412, 413, 415, 422, 503),
+    **problems(401, 404, 412, 415, 422, 503),
 }
 
 # The pet versions a write is conditional on (If-Match); None: unconditional.
@@ -509,7 +509,7 @@ class RejectUndecodableUrls:
 router = APIRouter(dependencies=[Depends(check_query_parameters), Depends(negotiate)])
 
 
-@router.post("/auth/token", tags=["auth"], responses=problems(401, 413, 422, 429, 503))
+@router.post("/auth/token", tags=["auth"], responses=problems(401, 422, 429, 503))
 async def issue_access_token(
     guard: LoginGuardDep,
     client: ClientAddress,
@@ -581,7 +581,7 @@ async def get_pet(
                 **ETAG_HEADER,
             }
         },
-        **problems(401, 413, 415, 422, 503),
+        **problems(401, 415, 422, 503),
     },
     dependencies=[JsonBody],
 )
