@@ -2,7 +2,6 @@
 security headers, and analytics stopped when their client hangs up."""
 
 import anyio
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 # Swagger UI and ReDoc load their scripts and styles from a CDN and start with an inline script;
@@ -31,26 +30,32 @@ def security_headers(path: str) -> dict[str, str]:
     return {**SECURITY_HEADERS, "Content-Security-Policy": csp}
 
 
+def _encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    return [(name.lower().encode(), value.encode()) for name, value in headers.items()]
+
+
 class SecurityHeaders:
     """nosniff, no framing, no referrer and a Content-Security-Policy on every response; and
     `Cache-Control: no-store` where a route has not chosen its own caching (tokens, pages that
-    change with every write)."""
+    change with every write). Headers are added as encoded pairs: this runs on every response."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self.docs_headers = _encoded(security_headers(next(iter(DOCS_PATHS))))
+        self.api_headers = _encoded(security_headers(""))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        added = security_headers(scope["path"])
+        added = self.docs_headers if scope["path"] in DOCS_PATHS else self.api_headers
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in added.items():
-                    if name != "Cache-Control" or name not in headers:
-                        headers[name] = value
+                headers = list(message.get("headers", ()))
+                chosen = any(name.lower() == b"cache-control" for name, _ in headers)
+                headers += [h for h in added if not (chosen and h[0] == b"cache-control")]
+                message = {**message, "headers": headers}
             await send(message)
 
         await self.app(scope, receive, send_with_headers)

@@ -62,6 +62,10 @@ class LimitRequestBody:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        headers = Headers(scope=scope)
+        if "transfer-encoding" not in headers and headers.get("content-length", "0") == "0":
+            await self.app(scope, receive, send)  # no body: nothing to count (every GET)
+            return
         limit = (self.settings or get_settings()).HTTP_MAX_BODY_BYTES
         declared = _declared_length(scope)
         if declared is not None and declared > limit:
