@@ -1,6 +1,6 @@
 """Schema-driven fuzzing: schemathesis against the real app (uvicorn) on a migrated, seeded
-database, every operation, a token for the protected ones. For a longer campaign see the
-README's Reliability section."""
+database, every operation, a token for the protected ones. For a longer campaign see
+docs/reliability.md."""
 
 import os
 import re
