@@ -2,6 +2,7 @@
 
 import asyncio
 import csv
+import importlib.resources
 import io
 import logging
 import os
@@ -18,9 +19,15 @@ from urllib.parse import unquote_to_bytes
 import mimeparse
 from fastapi import APIRouter, Depends, FastAPI, Form, Header, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import (
+    get_redoc_html,
+    get_swagger_ui_html,
+    get_swagger_ui_oauth2_redirect_html,
+)
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.routing import APIRoute
+from fastapi.staticfiles import StaticFiles
 from pydantic import StringConstraints, WithJsonSchema
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -63,7 +70,15 @@ from errors import (
     UnsupportedMediaType,
     classify_db_error,
 )
-from middleware import CancelOnDisconnect, HeadAsGet, SecurityHeaders, security_headers
+from middleware import (
+    DOCS_OAUTH2_REDIRECT_PATH,
+    DOCS_PATH,
+    REDOC_PATH,
+    CancelOnDisconnect,
+    HeadAsGet,
+    SecurityHeaders,
+    security_headers,
+)
 from models import (
     DIMENSIONS,
     INT32_MAX,
@@ -845,6 +860,67 @@ async def ready(request: Request) -> Readiness:
     )
 
 
+# --- the docs pages ----------------------------------------------------------------------------
+
+# Swagger UI's and ReDoc's files, as the fastapi-offline package ships them: the pages load
+# nothing from outside the image, so they work offline and under a 'self'-only CSP.
+DOCS_ASSETS_PATH = "/docs/assets"
+DOCS_ASSETS = importlib.resources.files("fastapi_offline") / "static"
+
+
+class DocsAssets(StaticFiles):
+    """The docs pages' scripts and styles; a browser keeps them and revalidates (ETag)."""
+
+    def file_response(self, *args: Any, **kwargs: Any) -> Response:
+        response = super().file_response(*args, **kwargs)
+        response.headers["Cache-Control"] = "no-cache"
+        return response
+
+
+def docs_pages(app: FastAPI) -> dict[str, bytes]:
+    """The three docs pages, built once. Their URLs are fixed (no root_path) so that the inline
+    scripts never change: middleware.DOCS_CSP allows exactly those by hash."""
+    openapi_url = app.openapi_url or "/openapi.json"
+    favicon = f"{DOCS_ASSETS_PATH}/favicon.png"
+    swagger = get_swagger_ui_html(
+        openapi_url=openapi_url,
+        title=f"{app.title} - Swagger UI",
+        oauth2_redirect_url=DOCS_OAUTH2_REDIRECT_PATH,
+        swagger_js_url=f"{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
+        swagger_css_url=f"{DOCS_ASSETS_PATH}/swagger-ui.css",
+        swagger_favicon_url=favicon,
+        # No badge image fetched from the public validator (it could not see this API anyway).
+        swagger_ui_parameters={"validatorUrl": None},
+    )
+    redoc = get_redoc_html(
+        openapi_url=openapi_url,
+        title=f"{app.title} - ReDoc",
+        redoc_js_url=f"{DOCS_ASSETS_PATH}/redoc.standalone.js",
+        redoc_favicon_url=favicon,
+        with_google_fonts=False,
+    )
+    return {
+        DOCS_PATH: bytes(swagger.body),
+        DOCS_OAUTH2_REDIRECT_PATH: bytes(get_swagger_ui_oauth2_redirect_html().body),
+        REDOC_PATH: bytes(redoc.body),
+    }
+
+
+def add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs (with its OAuth2 redirect page) and ReDoc at /redoc."""
+    pages = docs_pages(app)
+
+    def serve(path: str) -> None:
+        async def page() -> HTMLResponse:
+            return HTMLResponse(pages[path])
+
+        app.add_api_route(path, page, methods=["GET"], include_in_schema=False)
+
+    for path in pages:
+        serve(path)
+    app.mount(DOCS_ASSETS_PATH, DocsAssets(directory=str(DOCS_ASSETS)), name="docs-assets")
+
+
 # --- the app -----------------------------------------------------------------------------------
 
 
@@ -857,9 +933,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         # A trailing-slash redirect is made by on_http_error instead, with a relative Location.
         redirect_slashes=False,
+        # Served by add_docs from the image instead of a CDN.
+        docs_url=None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=DOCS_OAUTH2_REDIRECT_PATH,
     )
     app.state.settings = settings
     app.include_router(router)
+    add_docs(app)
     app.add_middleware(RejectUndecodableUrls)
     app.add_middleware(LimitRequestBody, settings=settings)
     app.add_middleware(CancelOnDisconnect, paths=frozenset({"/metrics"}))
