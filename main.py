@@ -324,8 +324,50 @@ def problems(*statuses: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+def _header(description: str, schema_type: str = "string") -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": schema_type}
+    if schema_type == "integer":
+        schema["minimum"] = 0
+    return {"description": description, "schema": schema}
+
+
+# Every response header a client can get, declared once under components/headers.
+RESPONSE_HEADERS = {
+    "Cache-Control": _header(
+        "no-store, unless the route chooses otherwise (no-cache on a pet, with its ETag)"
+    ),
+    "Content-Security-Policy": _header("default-src 'none' (the docs pages: 'self' only)"),
+    "X-Content-Type-Options": _header("nosniff"),
+    "X-Frame-Options": _header("DENY"),
+    "Referrer-Policy": _header("no-referrer"),
+    "Cross-Origin-Resource-Policy": _header("same-origin"),
+    "WWW-Authenticate": _header('Bearer, or Bearer error="invalid_token" for a bad token'),
+    "Retry-After": _header("Seconds to wait before retrying", "integer"),
+    "Allow": _header("The methods this path answers, HEAD included wherever GET is"),
+    "Vary": _header("Accept: the answer is JSON or CSV by the Accept header"),
+    "X-Total-Rows": _header("CSV only: rows in the whole result, not just this page", "integer"),
+    "Content-Disposition": _header('CSV only: attachment; filename="metrics.csv"'),
+}
+# On every response (middleware.SecurityHeaders).
+EVERY_RESPONSE_HEADERS = (
+    "Cache-Control",
+    "Content-Security-Policy",
+    "X-Content-Type-Options",
+    "X-Frame-Options",
+    "Referrer-Policy",
+    "Cross-Origin-Resource-Policy",
+)
+STATUS_HEADERS = {"401": ("WWW-Authenticate",), "429": ("Retry-After",), "503": ("Retry-After",)}
+OPERATION_HEADERS = {("/metrics", "get", "200"): ("Vary", "X-Total-Rows", "Content-Disposition")}
+
+
+def _header_refs(names: Iterable[str]) -> dict[str, Any]:
+    return {name: {"$ref": f"#/components/headers/{name}"} for name in names}
+
+
 def openapi_with_problems(app: FastAPI) -> dict[str, Any]:
-    """The generated document, with every error response declared as application/problem+json."""
+    """The generated document, with every error response declared as application/problem+json
+    and every response header a client can get declared on the responses that carry it."""
     if app.openapi_schema is None:
         schema = get_openapi(
             title=app.title,
@@ -334,23 +376,40 @@ def openapi_with_problems(app: FastAPI) -> dict[str, Any]:
             routes=app.routes,
         )
         problem_ref = {"schema": {"$ref": "#/components/schemas/Problem"}}
-        for operation in (op for path in schema["paths"].values() for op in path.values()):
-            # Any request can be malformed below the schema: a URL that is not UTF-8, a body
-            # that cannot be decoded.
-            operation["responses"].setdefault("400", {"description": "Bad Request"})
-            if "204" not in operation["responses"]:  # Accept names no type the route sends
-                operation["responses"].setdefault("406", {"description": "Not Acceptable"})
-            # What server.py answers for any request: too slow, too large, headers too large.
-            for status in (408, 413, 431):
-                operation["responses"].setdefault(
-                    str(status), {"description": HTTPStatus(status).phrase}
-                )
-            for status, response in operation.get("responses", {}).items():
-                if int(status) >= 400:
-                    response["content"] = {PROBLEM_MEDIA_TYPE: problem_ref}
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, item in schema["paths"].items():
+            for method, operation in item.items():
+                responses = operation["responses"]
+                # Any request can be malformed below the schema: a URL that is not UTF-8, a
+                # body that cannot be decoded.
+                responses.setdefault("400", {"description": "Bad Request"})
+                if "204" not in responses:  # Accept names no type the route sends
+                    responses.setdefault("406", {"description": "Not Acceptable"})
+                # What server.py answers for any request: too slow, too large, headers too
+                # large, past the connection limit.
+                for status in (408, 413, 431, 503):
+                    responses.setdefault(str(status), {"description": HTTPStatus(status).phrase})
+                for status, response in responses.items():
+                    if int(status) >= 400:
+                        response["content"] = {PROBLEM_MEDIA_TYPE: problem_ref}
+                    names = (
+                        *STATUS_HEADERS.get(status, ()),
+                        *OPERATION_HEADERS.get((path, method, status), ()),
+                        *EVERY_RESPONSE_HEADERS,
+                    )
+                    response["headers"] = {**_header_refs(names), **response.get("headers", {})}
+        components = schema.setdefault("components", {})
         for unused in ("HTTPValidationError", "ValidationError"):
-            components.pop(unused, None)
+            components["schemas"].pop(unused, None)
+        components["headers"] = RESPONSE_HEADERS
+        # A method a path does not answer: no operation of this document gives it, so it is
+        # declared once here.
+        components["responses"] = {
+            "MethodNotAllowed": {
+                "description": "Method Not Allowed: Allow lists the methods the path answers",
+                "headers": _header_refs(("Allow", *EVERY_RESPONSE_HEADERS)),
+                "content": {PROBLEM_MEDIA_TYPE: problem_ref},
+            }
+        }
         app.openapi_schema = schema
     return app.openapi_schema
 

@@ -7,6 +7,7 @@ import subprocess
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -66,3 +67,65 @@ def test_redoc_renders_every_operation_offline(docs_server: ApiServer, tmp_path:
     assert "Pets and ad metrics" in dom, dom[-3000:]
     for path in ("/auth/token", "/pets/{pet_id}", "/metrics"):
         assert path in dom, path
+
+
+EVERY_RESPONSE = {
+    "Cache-Control",
+    "Content-Security-Policy",
+    "X-Content-Type-Options",
+    "X-Frame-Options",
+    "Referrer-Policy",
+    "Cross-Origin-Resource-Policy",
+}
+
+
+async def test_openapi_declares_every_response_header(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    shared = schema["components"]["headers"]
+
+    def headers_of(response: dict[str, Any]) -> set[str]:
+        declared = response.get("headers", {})
+        for header in declared.values():
+            if "$ref" in header:
+                assert header["$ref"].removeprefix("#/components/headers/") in shared
+        return set(declared)
+
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            responses = operation["responses"]
+            assert "503" in responses, (path, method)  # the connection limit, on any request
+            for status, response in responses.items():
+                where = (path, method, status)
+                assert headers_of(response) >= EVERY_RESPONSE, where
+                if status == "401":
+                    assert "WWW-Authenticate" in headers_of(response), where
+                if status in ("429", "503"):
+                    assert "Retry-After" in headers_of(response), where
+    assert "429" in schema["paths"]["/auth/token"]["post"]["responses"]
+    metrics = schema["paths"]["/metrics"]["get"]["responses"]["200"]
+    assert headers_of(metrics) >= {"Vary", "X-Total-Rows", "Content-Disposition"}
+    assert {"Location", "ETag"} <= headers_of(schema["paths"]["/pets"]["post"]["responses"]["201"])
+    assert "ETag" in headers_of(schema["paths"]["/pets/{pet_id}"]["get"]["responses"]["304"])
+    assert "Allow" in headers_of(schema["components"]["responses"]["MethodNotAllowed"])
+
+
+async def test_the_declared_headers_are_the_ones_sent(client: httpx.AsyncClient) -> None:
+    schema = (await client.get("/openapi.json")).json()
+    shared = set(schema["components"]["headers"])
+    responses = [
+        await client.get("/pets"),
+        await client.post("/pets", json={"name": "Rex", "pet_type": "dog"}),
+        await client.put("/pets"),
+        await client.get("/metrics", params={"preset": "last_7d", "format": "csv"}),
+    ]
+    sent = {name.title() for response in responses for name in response.headers}
+    expected = {
+        "Www-Authenticate",
+        "Allow",
+        "Vary",
+        "X-Total-Rows",
+        "Content-Disposition",
+        *(name.title() for name in EVERY_RESPONSE),
+    }
+    assert expected <= sent
+    assert expected <= {name.title() for name in shared}
