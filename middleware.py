@@ -4,15 +4,22 @@ security headers, and analytics stopped when their client hangs up."""
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# Swagger UI and ReDoc load their scripts and styles from a CDN and start with an inline script;
-# every other response is data and may load nothing at all.
-DOCS_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc"})
+# The docs pages (main.add_docs) load their scripts, styles and favicon from this origin only.
+# Their inline scripts (Swagger UI's start-up, the OAuth2 redirect page) are allowed by hash, so
+# nothing else inline runs; styles stay 'unsafe-inline' (both UIs set style attributes and
+# ReDoc injects <style> elements); ReDoc's search runs in a blob: worker.
+DOCS_PATH = "/docs"
+DOCS_OAUTH2_REDIRECT_PATH = "/docs/oauth2-redirect"
+REDOC_PATH = "/redoc"
+DOCS_PATHS = frozenset({DOCS_PATH, DOCS_OAUTH2_REDIRECT_PATH, REDOC_PATH})
+DOCS_SCRIPT_HASHES = (
+    "'sha256-j8SaXne87U2VMpyMoUFgvGSgdewzd5d5jACoTkrqCy4='",  # /docs
+    "'sha256-Q8NLdUrRI6i0tSYa9s7b5KZd7Adbpcz558UgROi6Hy8='",  # /docs/oauth2-redirect
+)
 DOCS_CSP = (
     "default-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'; "
-    "script-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net; "
-    "style-src 'self' 'unsafe-inline' https://cdn.jsdelivr.net https://fonts.googleapis.com; "
-    "font-src https://fonts.gstatic.com; img-src 'self' data: https://fastapi.tiangolo.com "
-    "https://cdn.redoc.ly; connect-src 'self'; worker-src 'self' blob:"
+    f"script-src 'self' {' '.join(DOCS_SCRIPT_HASHES)}; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; worker-src blob:"
 )
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"
 SECURITY_HEADERS = {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: sets up .venv from requirements-dev.txt, then runs ruff, mypy and pytest.
-# Needs PostgreSQL and Redis (TEST_POSTGRES_URL / TEST_REDIS_URL; local defaults); extra
-# arguments go to pytest.
+# Needs PostgreSQL and Redis (TEST_POSTGRES_URL / TEST_REDIS_URL; local defaults) and Debian's
+# chromium; extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -24,4 +24,10 @@ echo "==> ruff"
 echo "==> mypy"
 .venv/bin/mypy
 echo "==> pytest"
+# tests/test_docs.py renders /docs and /redoc in a real browser: Debian's chromium.
+if ! command -v chromium > /dev/null; then
+    echo "test.sh: Chromium is not installed; the docs pages' test needs it. Install it with:" >&2
+    echo "    apt-get install -y chromium" >&2
+    exit 1
+fi
 .venv/bin/pytest "$@"

@@ -3,6 +3,8 @@ negotiation, Locations that never come from Host, UTF-8 bodies, printable names,
 never fails on bad data, and analytics that queue on their own pool."""
 
 import asyncio
+import base64
+import hashlib
 import re
 from contextlib import AsyncExitStack
 from typing import Any
@@ -162,25 +164,47 @@ async def test_every_response_carries_the_security_headers(
 async def test_the_docs_csp_allows_exactly_what_the_docs_pages_load(
     client: httpx.AsyncClient,
 ) -> None:
-    for path in ("/docs", "/redoc"):
+    for path in ("/docs", "/docs/oauth2-redirect", "/redoc"):
         response = await client.get(path)
         policy = response.headers["content-security-policy"]
         csp = dict(part.strip().split(" ", 1) for part in policy.split(";"))
         scripts = re.findall(r'<script[^>]+src="([^"]+)"', response.text)
+        inline = re.findall(r"<script>(.*?)</script>", response.text, re.S)
         links = [
             (re.search(r'rel="([^"]+)"', tag), re.search(r'href="([^"]+)"', tag))
             for tag in re.findall(r"<link[^>]+>", response.text)
         ]
-        assert scripts, path
         loads = [(url, "script-src") for url in scripts] + [
             (href[1], "style-src" if rel and rel[1] == "stylesheet" else "img-src")
             for rel, href in links
             if href
         ]
         for url, directive in loads:
-            assert any(url.startswith(source) for source in csp[directive].split()), url
-        assert "'unsafe-inline'" in csp["script-src"]  # the page's own start-up script
+            # Everything from this origin: a relative URL, nothing from a CDN.
+            assert url.startswith("/") and not url.startswith("//"), url
+            assert "'self'" in csp[directive].split(), (path, url)
+            assert (await client.get(url)).status_code == 200, url
+        # Inline scripts run only by their hash: exactly the pages' own start-up scripts.
+        hashes = {
+            f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'"
+            for body in inline
+        }
+        assert hashes <= set(csp["script-src"].split()), path
+        assert "'unsafe-inline'" not in csp["script-src"]
+        assert "https:" not in policy and "http:" not in policy
         assert "frame-ancestors" in csp
+    assert "'sha256-" in policy
+
+
+async def test_the_docs_assets_are_revalidated_not_stored(client: httpx.AsyncClient) -> None:
+    first = await client.get("/docs/assets/swagger-ui-bundle.js")
+    assert first.status_code == 200
+    assert first.headers["cache-control"] == "no-cache"
+    again = await client.get(
+        "/docs/assets/swagger-ui-bundle.js", headers={"If-None-Match": first.headers["etag"]}
+    )
+    assert again.status_code == 304
+    assert (await client.get("/docs/assets/nothing.js")).status_code == 404
 
 
 async def test_the_token_is_never_stored_by_a_cache(client: httpx.AsyncClient) -> None:
