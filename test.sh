@@ -24,7 +24,12 @@ echo "==> ruff"
 echo "==> mypy"
 .venv/bin/mypy
 echo "==> pytest"
-# tests/test_docs.py renders /docs and /redoc in a real browser: Debian's chromium.
+# tests/test_docs.py renders /docs and /redoc in a real browser: Debian's chromium. As root
+# (CI) it is installed here; otherwise the one command that installs it is named.
+if ! command -v chromium > /dev/null && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+    echo "==> installing chromium (Debian's package) for the docs pages' test"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null
+fi
 if ! command -v chromium > /dev/null; then
     echo "test.sh: Chromium is not installed; the docs pages' test needs it. Install it with:" >&2
     echo "    apt-get install -y chromium" >&2
