@@ -18,11 +18,11 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 import crud
 from auth import hash_password
 from db import create_engine, create_sessionmaker
-from errors import InvalidParameters
 from metrics_data import (
     COMBINATIONS,
     DEMO_VALUES,
     FACT_COLUMNS,
+    MAX_LISTED_ERRORS,
     check_metrics_csv,
     demo_combinations,
     demo_day,
@@ -54,11 +54,15 @@ async def in_session(settings: Settings, work: Callable[[AsyncSession], Awaitabl
         await engine.dispose()
 
 
+def database_unavailable(error: BaseException) -> str:
+    return f"the database is unavailable ({error.__class__.__name__}: {error})"
+
+
 def run_in_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[int]]) -> int:
     try:
         return asyncio.run(in_session(settings, work))
     except (OSError, SQLAlchemyError) as error:
-        return fail(f"the database is unavailable ({error.__class__.__name__}: {error})")
+        return fail(database_unavailable(error))
 
 
 # --- users -------------------------------------------------------------------------------------
@@ -130,6 +134,11 @@ class Progress:
             self.stream.write(line)
             self.stream.flush()
 
+    def stop(self) -> None:
+        """End a line redrawn in place, without a total (the work was abandoned)."""
+        if self.stream.isatty():
+            self.stream.write("\n")
+
     def finish(self) -> None:
         start = "\r" if self.stream.isatty() else ""
         self.stream.write(f"{start}{self.what}: {self.done:,} rows\n")
@@ -167,19 +176,27 @@ async def seed_metrics(
     return 0
 
 
+def not_loaded(path: Path, problems: list[str], count: int) -> int:
+    """Report a rejected file: the first MAX_LISTED_ERRORS problems, and how many more."""
+    listed = problems[:MAX_LISTED_ERRORS]
+    more = count - len(listed)
+    listing = "\n".join(listed) + (f"\n... and {more} more" if more > 0 else "")
+    return fail(f"{path} was not loaded; nothing was written:\n{listing}")
+
+
 def load_metrics(settings: Settings, path: Path) -> int:
-    """Upsert facts from a CSV file; a malformed file is rejected whole, nothing written."""
+    """Upsert facts from a CSV file. Every problem of the file is reported at once, malformed
+    lines and keys given twice, and then nothing is written."""
     try:
         with path.open(encoding="utf-8-sig", newline="") as file:
             check = check_metrics_csv(file)
     except (OSError, UnicodeDecodeError) as error:
         return fail(f"cannot read {path}: {error}")
-    if check.errors:
-        more = check.error_count - len(check.errors)
-        listing = "\n".join(check.errors) + (f"\n... and {more} more" if more else "")
-        return fail(f"{path} was not loaded; nothing was written:\n{listing}")
+    if check.errors and not check.rows:  # no line to compare with another
+        return not_loaded(path, check.errors, check.error_count)
 
     async def work(session: AsyncSession) -> int:
+        # Run on a malformed file too, to find its repeated keys; rolled back then.
         ids = {
             name: await crud.ensure_dimension_values(session, DIMENSIONS[name], names)
             for name, names in check.names.items()
@@ -190,19 +207,23 @@ def load_metrics(settings: Settings, path: Path) -> int:
         async def lines() -> AsyncIterator[bytes]:
             with path.open(encoding="utf-8-sig", newline="") as file:
                 for number, row in read_metrics_csv(file):
-                    assert isinstance(row, MetricsCsvRow)  # the first pass found no errors
-                    yield staging_line(number, row, ids).encode()
-                    progress.advance(1)
+                    if isinstance(row, MetricsCsvRow):  # malformed lines are in check.errors
+                        yield staging_line(number, row, ids).encode()
+                        progress.advance(1)
 
-        try:
-            if check.rows >= BULK_ROWS:
-                async with crud.foreign_keys_checked_once(session):
-                    written = await crud.upsert_staged_facts(session, lines())
-            else:
-                written = await crud.upsert_staged_facts(session, lines())
-        except InvalidParameters as error:
-            listing = "\n".join(f"line {loc[1]}: {msg}" for loc, msg in error.items)
-            return fail(f"{path} was not loaded; nothing was written:\n{listing}")
+        repeated, repeated_count = await crud.stage_facts(session, lines(), MAX_LISTED_ERRORS)
+        if check.errors or repeated:
+            await session.rollback()
+            progress.stop()
+            twice = [
+                f"line {ns[0]}: same date and dimensions as line(s) {ns[1:]}" for ns in repeated
+            ]
+            return not_loaded(path, check.errors + twice, check.error_count + repeated_count)
+        if check.rows >= BULK_ROWS:
+            async with crud.foreign_keys_checked_once(session):
+                written = await crud.upsert_staged_facts(session)
+        else:
+            written = await crud.upsert_staged_facts(session)
         if check.dates:
             first, last = date_id_of(min(check.dates)), date_id_of(max(check.dates))
             await crud.refresh_rollups(session, first, last)
@@ -212,7 +233,13 @@ def load_metrics(settings: Settings, path: Path) -> int:
         print(f"load-metrics: {written:,} facts inserted or updated from {path}")
         return 0
 
-    return run_in_session(settings, work)
+    try:
+        return asyncio.run(in_session(settings, work))
+    except (OSError, SQLAlchemyError) as error:
+        if check.errors:  # what the file shows without the database
+            not_loaded(path, check.errors, check.error_count)
+            return fail(f"{database_unavailable(error)}; keys given twice were not looked for")
+        return fail(database_unavailable(error))
 
 
 # --- the command line --------------------------------------------------------------------------

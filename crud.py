@@ -41,7 +41,7 @@ from sqlalchemy.schema import AddConstraint, DropConstraint
 from sqlmodel import SQLModel, col, delete, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-from errors import InvalidParameters, NotFound, PreconditionFailed
+from errors import NotFound, PreconditionFailed
 from models import (
     DIMENSIONS,
     MEASURES,
@@ -630,9 +630,9 @@ FROM fact_ad_metrics_daily WITH NO DATA
 """
 STAGING_COLUMNS = ("line", *FACT.c.keys())
 REPEATED_KEYS = """
-SELECT array_agg(line ORDER BY line) AS lines FROM staged_facts
+SELECT array_agg(line ORDER BY line) AS lines, count(*) OVER () AS repeated FROM staged_facts
 GROUP BY date_id, region_id, age_id, gender_id, platform_id, placement_id, device_type_id
-HAVING count(*) > 1 ORDER BY min(line) LIMIT 50
+HAVING count(*) > 1 ORDER BY min(line) LIMIT :limit
 """
 UPSERT_STAGED = """
 INSERT INTO fact_ad_metrics_daily
@@ -645,19 +645,19 @@ DO UPDATE SET impressions = EXCLUDED.impressions, clicks = EXCLUDED.clicks,
 """
 
 
-async def upsert_staged_facts(session: AsyncSession, source: AsyncIterable[bytes]) -> int:
-    """Upsert facts from CSV lines (a line number, then the fact's columns): a key given twice
-    is an error naming the lines; returns how many facts were written."""
+async def stage_facts(
+    session: AsyncSession, source: AsyncIterable[bytes], listed: int = 50
+) -> tuple[list[list[int]], int]:
+    """Copy facts from CSV lines (a line number, then the fact's columns) into a staging table
+    of this transaction. Returns the line numbers of each key given more than once (the first
+    `listed` such keys) and how many keys were."""
     await _run(session, text(CREATE_STAGING))
     await copy_rows(session, "staged_facts", STAGING_COLUMNS, source)
-    repeated = await _run(session, text(REPEATED_KEYS))
-    duplicates = [row["lines"] for row in repeated.mappings()]
-    if duplicates:
-        raise InvalidParameters(
-            [
-                (["line", lines[0]], f"same date and dimensions as line(s) {lines[1:]}")
-                for lines in duplicates
-            ]
-        )
+    repeated = (await _run(session, text(REPEATED_KEYS).bindparams(limit=listed))).all()
+    return [list(row.lines) for row in repeated], (repeated[0].repeated if repeated else 0)
+
+
+async def upsert_staged_facts(session: AsyncSession) -> int:
+    """Upsert the staged facts (see stage_facts); returns how many facts were written."""
     written = await _run(session, text(UPSERT_STAGED))
     return int(written.rowcount)  # type: ignore[attr-defined]

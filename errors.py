@@ -1,6 +1,6 @@
 """Domain errors, and the one place that decides what a database fault means to a client."""
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 from redis.exceptions import RedisError
@@ -9,8 +9,20 @@ from sqlalchemy import exc as sa_exc
 # Where a problem is (as in a validation error's `loc`) and what it is.
 ErrorItem = tuple[list[str | int], str]
 
+# A 422's `detail` names this many problems; its `errors` list holds every one.
+SUMMARISED_PROBLEMS = 3
+
 # Seconds a client is told to wait after a 503.
 RETRY_AFTER_SECONDS = 5
+
+
+def summarise(items: Sequence[ErrorItem]) -> str:
+    """The `detail` of a 422: the first few problems, and how many more `errors` lists."""
+    named = "; ".join(
+        f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in items[:SUMMARISED_PROBLEMS]
+    )
+    more = len(items) - SUMMARISED_PROBLEMS
+    return f"Invalid request: {named}" + (f" (and {more} more)" if more > 0 else "")
 
 
 class ServiceError(Exception):
@@ -50,11 +62,11 @@ class InvalidData(ServiceError):
 
 
 class InvalidParameters(InvalidData):
-    """Input that passed the schema but not a rule that needs the database, clock or settings."""
+    """Input that passed the schema but not a rule between parameters or one that needs the
+    database, clock or settings; `items` lists every problem found."""
 
     def __init__(self, items: list[ErrorItem]) -> None:
-        summary = "; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in items)
-        super().__init__(f"Invalid request: {summary}")
+        super().__init__(summarise(items))
         self.items = items
 
 

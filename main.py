@@ -69,6 +69,7 @@ from errors import (
     Unavailable,
     UnsupportedMediaType,
     classify_db_error,
+    summarise,
 )
 from middleware import (
     DOCS_OAUTH2_REDIRECT_PATH,
@@ -241,10 +242,6 @@ def problem_response(
     )
 
 
-def _dotted(loc: Iterable[str | int]) -> str:
-    return ".".join(str(part) for part in loc)
-
-
 def _message(error: Mapping[str, Any]) -> str:
     pattern = error.get("ctx", {}).get("pattern")
     if pattern in PATTERN_MESSAGES:
@@ -255,10 +252,9 @@ def _message(error: Mapping[str, Any]) -> str:
 
 async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
-    items = [ProblemItem(loc=list(e["loc"]), msg=_message(e)) for e in error.errors()]
-    summary = "; ".join(f"{_dotted(item.loc)}: {item.msg}" for item in items[:3])
-    more = f" (and {len(items) - 3} more)" if len(items) > 3 else ""
-    return problem_response(422, f"Invalid request: {summary}{more}", errors=items)
+    items: list[ErrorItem] = [(list(e["loc"]), _message(e)) for e in error.errors()]
+    errors = [ProblemItem(loc=loc, msg=msg) for loc, msg in items]
+    return problem_response(422, summarise(items), errors=errors)
 
 
 async def on_service_error(request: Request, error: Exception) -> JSONResponse:
@@ -735,19 +731,11 @@ def utc_today() -> date:
     return datetime.now(UTC).date()
 
 
-def date_range(query: MetricsQuery, today: date, max_span_days: int) -> tuple[date, date]:
-    start, end = query.date_range(today)
-    if (end - start).days + 1 > max_span_days:
-        raise InvalidParameters(
-            [(["query", "end_date"], f"the range spans more than {max_span_days} days")]
-        )
-    return start, end
-
-
 async def filter_ids(
     db: crud.Executor, cache: crud.NameCache, query: MetricsQuery
-) -> dict[str, list[int]]:
-    """Ids of the filter names; 422 naming each unknown one (and the known ones, when few)."""
+) -> tuple[dict[str, list[int]], list[ErrorItem]]:
+    """Ids of the filter names, and a problem naming each dimension's unknown ones (with the
+    known ones, when few)."""
     ids: dict[str, list[int]] = {}
     problems_found: list[ErrorItem] = []
     for name, values in query.filters().items():
@@ -761,9 +749,19 @@ async def filter_ids(
             listed = ", ".join(repr(value) for value in unknown)
             problems_found.append((["query", name], f"unknown {name} {listed}; {allowed}"))
         ids[name] = found
-    if problems_found:
-        raise InvalidParameters(problems_found)
-    return ids
+    return ids, problems_found
+
+
+# Problems of a metrics question are listed in the order of its parameters.
+METRICS_PARAMETER_ORDER = {name: index for index, name in enumerate(MetricsQuery.model_fields)}
+
+
+def in_parameter_order(items: list[ErrorItem]) -> list[ErrorItem]:
+    def position(item: ErrorItem) -> int:
+        loc = item[0]  # ["query", parameter]
+        return METRICS_PARAMETER_ORDER.get(str(loc[1]), 0) if len(loc) > 1 else 0
+
+    return sorted(items, key=position)
 
 
 # A cell a spreadsheet would run as a formula (OWASP's CSV injection rule).
@@ -824,13 +822,19 @@ async def get_metrics(
 
     Money (`cost`, `cpc`, `cpm`, `cpa`) is sent as exact decimal strings. At most
     METRICS_MAX_CONCURRENT questions run at once per process; one more waits briefly, then gets
-    503 with Retry-After."""
+    503 with Retry-After. A question that breaks rules gets one 422 listing every problem: each
+    unknown filter value, the range, a repeated group_by, a sort not in the result."""
     settings: Settings = request.app.state.settings
-    start, end = date_range(query, today, settings.METRICS_MAX_SPAN_DAYS)
+    # Every problem at once: the rules between parameters and each unknown filter name.
+    problems_found = query.rule_problems(today, settings.METRICS_MAX_SPAN_DAYS)
+    filters, unknown = await filter_ids(db, request.app.state.dimension_names, query)
+    if problems_found or unknown:
+        raise InvalidParameters(in_parameter_order([*problems_found, *unknown]))
+    start, end = query.date_range(today)
     plan = crud.MetricsPlan(
         start_id=date_id_of(start),
         end_id=date_id_of(end),
-        filters=await filter_ids(db, request.app.state.dimension_names, query),
+        filters=filters,
         group_by=tuple(query.group_by),
         sort=query.sort,
         limit=query.limit,

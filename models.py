@@ -11,9 +11,7 @@ from pydantic import (
     ConfigDict,
     PlainSerializer,
     StringConstraints,
-    ValidationInfo,
     WithJsonSchema,
-    field_validator,
 )
 from pydantic import (
     Field as PydanticField,
@@ -432,18 +430,25 @@ MetricsSort = Literal[
 ]  # fmt: skip
 MetricsPreset = Literal["last_7d", "last_30d", "last_90d", "this_month", "last_month"]
 FilterValues = Annotated[list[DimensionName], Field(max_length=100)]
-# Repeats are rejected (below); uniqueItems says so in the OpenAPI document.
+# Repeats are rejected (MetricsQuery.rule_problems); uniqueItems says so in the OpenAPI document.
 GroupByList = Annotated[list[GroupBy], PydanticField(json_schema_extra={"uniqueItems": True})]
 
 
-# Query parameters of GET /metrics. Rules that need the clock or settings (presets, the longest
-# span) are applied by the route; everything else is here, so the OpenAPI document states it.
+# Query parameters of GET /metrics. Each value's own form (types, choices, lengths) is checked
+# by the schema; the rules between parameters, and those that need the clock or settings, by
+# rule_problems, which the route runs with the filter-name lookup so one 422 names them all. The
+# descriptions state those rules in the OpenAPI document.
 class MetricsQuery(SQLModel):
-    # validate_default: the cross-field checks run when a parameter is not given too.
-    model_config = ConfigDict(extra="forbid", validate_default=True)  # type: ignore[assignment]
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
 
-    start_date: date | None = Field(default=None, description="First day, inclusive.")
-    end_date: date | None = Field(default=None, description="Last day, inclusive.")
+    start_date: date | None = Field(
+        default=None, description="First day, inclusive; given with end_date, not with preset."
+    )
+    end_date: date | None = Field(
+        default=None,
+        description="Last day, inclusive; not before start_date. A range spans at most "
+        "METRICS_MAX_SPAN_DAYS days (default 1096).",
+    )
     preset: MetricsPreset | None = Field(
         default=None,
         description="A named range ending today (UTC); instead of start_date/end_date. "
@@ -455,7 +460,11 @@ class MetricsQuery(SQLModel):
     platform: FilterValues = Field(default_factory=list)
     placement: FilterValues = Field(default_factory=list)
     device_type: FilterValues = Field(default_factory=list)
-    group_by: GroupByList = Field(default_factory=list, max_length=len(TIME_GROUPS) + 6)
+    group_by: GroupByList = Field(
+        default_factory=list,
+        max_length=len(TIME_GROUPS) + 6,
+        description="Repeatable; each value at most once.",
+    )
     sort: MetricsSort | None = Field(
         default=None,
         description="A grouped field or a metric, `-` for descending. "
@@ -467,43 +476,43 @@ class MetricsQuery(SQLModel):
         default=None, description="`csv` streams the rows as CSV (so does `Accept: text/csv`)."
     )
 
-    @field_validator("end_date")
-    @classmethod
-    def _end_not_before_start(cls, end: date | None, info: ValidationInfo) -> date | None:
-        if "start_date" not in info.data:  # start_date itself was invalid: said already
-            return end
-        start = info.data["start_date"]
+    def rule_problems(self, today: date, max_span_days: int) -> list[tuple[list[str | int], str]]:
+        """Each rule these parameters break, as (loc, message). Not validators: the route reports
+        these in one 422 together with the unknown filter names."""
+        problems: list[tuple[list[str | int], str]] = []
+        start, end = self.start_date, self.end_date
         if (start is None) != (end is None):
-            raise ValueError("start_date and end_date go together (or use a preset)")
-        if start is not None and end is not None and start > end:
-            raise ValueError(f"start_date {start} is after end_date {end}")
-        return end
-
-    @field_validator("preset")
-    @classmethod
-    def _preset_or_dates(cls, preset: str | None, info: ValidationInfo) -> str | None:
-        if preset is not None and (info.data.get("start_date") or info.data.get("end_date")):
-            raise ValueError("give either preset or start_date/end_date, not both")
-        return preset
-
-    @field_validator("group_by")
-    @classmethod
-    def _no_repeated_group(cls, groups: list[str]) -> list[str]:
-        repeated = sorted({group for group in groups if groups.count(group) > 1})
-        if repeated:
-            raise ValueError(f"repeated group_by value(s): {', '.join(repeated)}")
-        return groups
-
-    @field_validator("sort")
-    @classmethod
-    def _sort_on_the_result(cls, sort: str | None, info: ValidationInfo) -> str | None:
-        allowed = [*info.data.get("group_by", []), *METRICS]
-        if sort is not None and sort.removeprefix("-") not in allowed:
-            raise ValueError(
-                f"cannot sort on {sort.removeprefix('-')!r}: it is not in the result; "
-                f"allowed: {', '.join(allowed)}"
+            missing = "end_date" if end is None else "start_date"
+            problems.append(
+                (["query", missing], "start_date and end_date go together (or use a preset)")
             )
-        return sort
+        elif start is not None and end is not None and start > end:
+            problems.append((["query", "end_date"], f"start_date {start} is after end_date {end}"))
+        if self.preset is not None and (start is not None or end is not None):
+            problems.append(
+                (["query", "preset"], "give either preset or start_date/end_date, not both")
+            )
+        if not problems:
+            first, last = self.date_range(today)
+            if (last - first).days + 1 > max_span_days:
+                problems.append(
+                    (["query", "end_date"], f"the range spans more than {max_span_days} days")
+                )
+        repeated = sorted({group for group in self.group_by if self.group_by.count(group) > 1})
+        if repeated:
+            problems.append(
+                (["query", "group_by"], f"repeated group_by value(s): {', '.join(repeated)}")
+            )
+        allowed = [*dict.fromkeys(self.group_by), *METRICS]
+        if self.sort is not None and self.sort.removeprefix("-") not in allowed:
+            problems.append(
+                (
+                    ["query", "sort"],
+                    f"cannot sort on {self.sort.removeprefix('-')!r}: it is not in the result; "
+                    f"allowed: {', '.join(allowed)}",
+                )
+            )
+        return problems
 
     def date_range(self, today: date) -> tuple[date, date]:
         """The inclusive range asked for: the dates, else the preset (default last_30d)."""

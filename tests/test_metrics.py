@@ -310,7 +310,7 @@ async def test_csv_leaves_null_ratios_empty(client: httpx.AsyncClient) -> None:
             "day value is outside",
         ),
         ({"start_date": "2026-11-01"}, "end_date", "go together"),
-        ({"end_date": "2026-11-01"}, "end_date", "go together"),
+        ({"end_date": "2026-11-01"}, "start_date", "go together"),
         (
             {"preset": "last_7d", "start_date": "2026-11-01", "end_date": "2026-11-02"},
             "preset",
@@ -353,6 +353,52 @@ async def test_unknown_filter_values_are_all_named(client: httpx.AsyncClient) ->
         "region": "unknown region 'Mars'; allowed: North, South",
         "gender": "unknown gender 'other'; allowed: female, male",
     }
+
+
+async def test_the_readme_example_names_the_unknown_region_and_the_sort_in_one_422(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.get("/metrics?region=Atlantis&group_by=platform&sort=region")
+    assert response.status_code == 422, response.text
+    problem = response.json()
+    assert [e["loc"] for e in problem["errors"]] == [["query", "region"], ["query", "sort"]]
+    assert "Atlantis" in problem["errors"][0]["msg"]
+    assert "not in the result" in problem["errors"][1]["msg"]
+    assert "query.region: " in problem["detail"] and "query.sort: " in problem["detail"]
+
+
+async def test_every_problem_of_a_question_is_listed_at_once(client: httpx.AsyncClient) -> None:
+    params = {
+        "region": "Atlantis",
+        "platform": ["facebook", "myspace"],
+        "start_date": "2026-11-05",
+        "end_date": "2026-11-01",
+        "group_by": ["date", "date"],
+        "sort": "-gender",
+    }
+    response = await client.get("/metrics", params=params)
+    assert response.status_code == 422, response.text
+    errors = [(e["loc"][1], e["msg"]) for e in response.json()["errors"]]
+    assert errors == [
+        ("end_date", "start_date 2026-11-05 is after end_date 2026-11-01"),
+        ("region", "unknown region 'Atlantis'; allowed: North, South"),
+        ("platform", "unknown platform 'myspace'; allowed: facebook, instagram"),
+        ("group_by", "repeated group_by value(s): date"),
+        (
+            "sort",
+            "cannot sort on 'gender': it is not in the result; allowed: date, "
+            "impressions, clicks, cost, conversions, likes, ctr, cpc, cpm, cpa, cvr",
+        ),
+    ]
+    assert response.json()["detail"].endswith("(and 2 more)")
+
+
+async def test_a_range_too_long_is_named_with_the_unknown_names(
+    client: httpx.AsyncClient,
+) -> None:
+    params = {"start_date": "2020-01-01", "end_date": "2026-01-01", "gender": "other"}
+    response = await client.get("/metrics", params=params)
+    assert [e["loc"][1] for e in response.json()["errors"]] == ["end_date", "gender"]
 
 
 async def test_a_dimension_value_added_later_is_found(

@@ -297,6 +297,23 @@ async def test_a_key_given_twice_is_rejected_naming_both_lines(
     assert await checksum(session) == before
 
 
+@pytest.mark.usefixtures("empty_metrics")
+async def test_malformed_lines_and_a_key_given_twice_are_reported_in_one_run(
+    settings: Settings, session: AsyncSession, tmp_path: Path
+) -> None:
+    cli_ok(settings, *SEED_ARGS)
+    before = await checksum(session)
+    line = "2026-11-10,Atlantis,18-24,female,facebook,feed,mobile,100,10,1.50,1,2"
+    path = write_csv(tmp_path, line, BAD_LINES[3], line.replace("100,", "7,"), BAD_LINES[6])
+    result = run_cli(settings, "load-metrics", str(path))
+    assert result.returncode == 1
+    assert "nothing was written" in result.stderr
+    assert "line 3: date: " in result.stderr
+    assert "line 5: expected 12 fields, found 11" in result.stderr
+    assert "line 2: same date and dimensions as line(s) [4]" in result.stderr
+    assert await checksum(session) == before
+
+
 @pytest.mark.parametrize(
     "content",
     [
