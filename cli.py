@@ -1,9 +1,12 @@
-"""Operator commands: create-user, report-now, seed-metrics and load-metrics (`--help` for each)."""
+"""Operator commands: create-user, report-now, seed-metrics, load-metrics, wait-for-db (--help)."""
 
 import argparse
 import asyncio
 import getpass
+import shutil
 import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -18,7 +21,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 import crud
 from auth import hash_password
 from db import create_engine, create_sessionmaker
-from errors import InvalidParameters
+from errors import InvalidParameters, ServiceError
 from metrics_data import (
     COMBINATIONS,
     DEMO_VALUES,
@@ -29,8 +32,8 @@ from metrics_data import (
     read_metrics_csv,
     staging_line,
 )
-from models import DIMENSIONS, MetricsCsvRow, UserCreate, date_id_of
-from settings import REPORT_JOB, Settings, get_settings
+from models import DIMENSIONS, PASSWORD_MIN_LENGTH, MetricsCsvRow, UserCreate, date_id_of
+from settings import REPORT_JOB, Settings, load_settings
 
 T = TypeVar("T")
 
@@ -42,6 +45,11 @@ BULK_ROWS = 100_000
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 1
+
+
+def count(number: int, noun: str) -> str:
+    """`1 fact`, `2 facts`, `1,000 facts`."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
 async def in_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
@@ -59,6 +67,38 @@ def run_in_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[
         return asyncio.run(in_session(settings, work))
     except (OSError, SQLAlchemyError) as error:
         return fail(f"the database is unavailable ({error.__class__.__name__}: {error})")
+
+
+async def wait_until_database_answers(settings: Settings, seconds: float) -> str | None:
+    """None once a `SELECT 1` succeeds; the last error when `seconds` pass first."""
+    deadline = time.monotonic() + seconds
+    delay = 0.25
+    engine = create_engine(settings, application_name="pets-cli", pool_size=1)
+    try:
+        while True:
+            try:
+                async with engine.connect() as connection:
+                    await crud.ping(connection)
+                return None
+            except (OSError, SQLAlchemyError, ServiceError) as error:
+                last = f"{error.__class__.__name__}: {error}".splitlines()[0]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return last
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 2.0)
+    finally:
+        await engine.dispose()
+
+
+def wait_for_db(settings: Settings, timeout: float) -> int:
+    """Exit 0 as soon as the database answers, 1 after `timeout` seconds of failed attempts (a
+    container's database may be up before it accepts connections)."""
+    error = asyncio.run(wait_until_database_answers(settings, timeout))
+    if error is not None:
+        return fail(f"the database did not answer within {timeout:g} s ({error})")
+    print("wait-for-db: the database answers")
+    return 0
 
 
 # --- users -------------------------------------------------------------------------------------
@@ -132,7 +172,7 @@ class Progress:
 
     def finish(self) -> None:
         start = "\r" if self.stream.isatty() else ""
-        self.stream.write(f"{start}{self.what}: {self.done:,} rows\n")
+        self.stream.write(f"{start}{self.what}: {count(self.done, 'row')}\n")
 
 
 async def seed_metrics(
@@ -167,22 +207,37 @@ async def seed_metrics(
     return 0
 
 
-def load_metrics(settings: Settings, path: Path) -> int:
+def load_metrics(settings: Settings, source: str) -> int:
+    """Upsert facts from a CSV file, or from standard input for `-`."""
+    if source != "-":
+        return load_metrics_file(settings, Path(source), source)
+    # The file is read twice (checked whole, then loaded), so standard input is kept meanwhile.
+    with tempfile.TemporaryDirectory(prefix="load-metrics-") as folder:
+        path = Path(folder, "stdin.csv")
+        with path.open("wb") as copy:
+            shutil.copyfileobj(sys.stdin.buffer, copy)
+        return load_metrics_file(settings, path, "standard input")
+
+
+def load_metrics_file(settings: Settings, path: Path, name: str) -> int:
     """Upsert facts from a CSV file; a malformed file is rejected whole, nothing written."""
     try:
         with path.open(encoding="utf-8-sig", newline="") as file:
             check = check_metrics_csv(file)
     except (OSError, UnicodeDecodeError) as error:
-        return fail(f"cannot read {path}: {error}")
+        return fail(f"cannot read {name}: {error}")
     if check.errors:
         more = check.error_count - len(check.errors)
         listing = "\n".join(check.errors) + (f"\n... and {more} more" if more else "")
-        return fail(f"{path} was not loaded; nothing was written:\n{listing}")
+        return fail(f"{name} was not loaded; nothing was written:\n{listing}")
 
     async def work(session: AsyncSession) -> int:
+        # Each new name is added as first spelled in the file (`names` keeps first spellings).
         ids = {
-            name: await crud.ensure_dimension_values(session, DIMENSIONS[name], names)
-            for name, names in check.names.items()
+            dimension: await crud.ensure_dimension_values(
+                session, DIMENSIONS[dimension], names.values()
+            )
+            for dimension, names in check.names.items()
         }
         await crud.ensure_dates(session, check.dates)
         progress = Progress("load-metrics", check.rows)
@@ -202,14 +257,14 @@ def load_metrics(settings: Settings, path: Path) -> int:
                 written = await crud.upsert_staged_facts(session, lines())
         except InvalidParameters as error:
             listing = "\n".join(f"line {loc[1]}: {msg}" for loc, msg in error.items)
-            return fail(f"{path} was not loaded; nothing was written:\n{listing}")
+            return fail(f"{name} was not loaded; nothing was written:\n{listing}")
         if check.dates:
             first, last = date_id_of(min(check.dates)), date_id_of(max(check.dates))
             await crud.refresh_rollups(session, first, last)
         await crud.after_bulk_load(session)
         await session.commit()
         progress.finish()
-        print(f"load-metrics: {written:,} facts inserted or updated from {path}")
+        print(f"load-metrics: {count(written, 'fact')} inserted or updated from {name}")
         return 0
 
     return run_in_session(settings, work)
@@ -222,10 +277,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cli.py", description="Operator commands.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    create = commands.add_parser("create-user", help="add a user who may write")
-    create.add_argument("username")
+    create = commands.add_parser(
+        "create-user",
+        help="add a user who may write",
+        description=(
+            f"Add a user who may write. The password needs {PASSWORD_MIN_LENGTH} characters or"
+            " more; it is asked for twice, or read from one line of standard input."
+        ),
+    )
+    create.add_argument("username", help="the login name (case-insensitive: stored lower-cased)")
     create.add_argument(
-        "--password-stdin", action="store_true", help="read the password from standard input"
+        "--password-stdin",
+        action="store_true",
+        help=f"read the password ({PASSWORD_MIN_LENGTH}+ characters) from standard input",
     )
 
     commands.add_parser("report-now", help="have a running worker print a pet report now")
@@ -250,7 +314,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
 
     load = commands.add_parser("load-metrics", help="upsert facts from a CSV file")
-    load.add_argument("file", type=Path)
+    load.add_argument("file", help="the CSV file, or - to read it from standard input")
+
+    wait = commands.add_parser("wait-for-db", help="wait until the database accepts connections")
+    wait.add_argument(
+        "--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)"
+    )
 
     args = parser.parse_args(argv)
     if args.command == "seed-metrics":
@@ -263,10 +332,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        settings = get_settings()
-    except ValidationError as error:
-        return fail(f"invalid configuration:\n{error}")
+    settings = load_settings()
     if args.command == "create-user":
         return create_user(settings, args.username, args.password_stdin)
     if args.command == "report-now":
@@ -279,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
                 session, args.days, args.rows_per_day, args.seed, end, args.if_empty
             ),
         )
+    if args.command == "wait-for-db":
+        return wait_for_db(settings, args.timeout)
     return load_metrics(settings, args.file)
 
 
