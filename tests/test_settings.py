@@ -94,7 +94,7 @@ def test_env_example_is_read_from_the_project_directory_whatever_the_cwd(
 def test_env_example_holds_the_local_development_values(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in Settings.model_fields:
         monkeypatch.delenv(name, raising=False)
-    settings = Settings(_env_file=Path(ROOT, ".env.example"))  # type: ignore[call-arg]
+    settings = Settings(_env_file=Path(ROOT, ".env.example"))
     assert settings.ENVIRONMENT == "development"
     assert settings.DATABASE_URL == "postgresql+asyncpg://postgres@127.0.0.1:5432/pets"
     assert settings.REDIS_URL == "redis://127.0.0.1:6379/0"
