@@ -1,9 +1,12 @@
-"""Operator commands: create-user, report-now, seed-metrics and load-metrics (`--help` for each)."""
+"""Operator commands: create-user, report-now, seed-metrics, load-metrics, wait-for-db (--help)."""
 
 import argparse
 import asyncio
 import getpass
+import shutil
 import sys
+import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -18,6 +21,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 import crud
 from auth import hash_password
 from db import create_engine, create_sessionmaker
+from errors import ServiceError
 from metrics_data import (
     COMBINATIONS,
     DEMO_VALUES,
@@ -29,8 +33,8 @@ from metrics_data import (
     read_metrics_csv,
     staging_line,
 )
-from models import DIMENSIONS, MetricsCsvRow, UserCreate, date_id_of
-from settings import REPORT_JOB, Settings, get_settings
+from models import DIMENSIONS, PASSWORD_MIN_LENGTH, MetricsCsvRow, UserCreate, date_id_of
+from settings import REPORT_JOB, Settings, load_settings
 
 T = TypeVar("T")
 
@@ -42,6 +46,11 @@ BULK_ROWS = 100_000
 def fail(message: str) -> int:
     print(f"error: {message}", file=sys.stderr)
     return 1
+
+
+def count(number: int, noun: str) -> str:
+    """`1 fact`, `2 facts`, `1,000 facts`."""
+    return f"{number:,} {noun}{'' if number == 1 else 's'}"
 
 
 async def in_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
@@ -63,6 +72,38 @@ def run_in_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[
         return asyncio.run(in_session(settings, work))
     except (OSError, SQLAlchemyError) as error:
         return fail(database_unavailable(error))
+
+
+async def wait_until_database_answers(settings: Settings, seconds: float) -> str | None:
+    """None once a `SELECT 1` succeeds; the last error when `seconds` pass first."""
+    deadline = time.monotonic() + seconds
+    delay = 0.25
+    engine = create_engine(settings, application_name="pets-cli", pool_size=1)
+    try:
+        while True:
+            try:
+                async with engine.connect() as connection:
+                    await crud.ping(connection)
+                return None
+            except (OSError, SQLAlchemyError, ServiceError) as error:
+                last = f"{error.__class__.__name__}: {error}".splitlines()[0]
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return last
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 2.0)
+    finally:
+        await engine.dispose()
+
+
+def wait_for_db(settings: Settings, timeout: float) -> int:
+    """Exit 0 as soon as the database answers, 1 after `timeout` seconds of failed attempts (a
+    container's database may be up before it accepts connections)."""
+    error = asyncio.run(wait_until_database_answers(settings, timeout))
+    if error is not None:
+        return fail(f"the database did not answer within {timeout:g} s ({error})")
+    print("wait-for-db: the database answers")
+    return 0
 
 
 # --- users -------------------------------------------------------------------------------------
@@ -141,7 +182,7 @@ class Progress:
 
     def finish(self) -> None:
         start = "\r" if self.stream.isatty() else ""
-        self.stream.write(f"{start}{self.what}: {self.done:,} rows\n")
+        self.stream.write(f"{start}{self.what}: {count(self.done, 'row')}\n")
 
 
 async def seed_metrics(
@@ -176,30 +217,45 @@ async def seed_metrics(
     return 0
 
 
-def not_loaded(path: Path, problems: list[str], count: int) -> int:
+def not_loaded(name: str, problems: list[str], count: int) -> int:
     """Report a rejected file: the first MAX_LISTED_ERRORS problems, and how many more."""
     listed = problems[:MAX_LISTED_ERRORS]
     more = count - len(listed)
     listing = "\n".join(listed) + (f"\n... and {more} more" if more > 0 else "")
-    return fail(f"{path} was not loaded; nothing was written:\n{listing}")
+    return fail(f"{name} was not loaded; nothing was written:\n{listing}")
 
 
-def load_metrics(settings: Settings, path: Path) -> int:
+def load_metrics(settings: Settings, source: str) -> int:
+    """Upsert facts from a CSV file, or from standard input for `-`."""
+    if source != "-":
+        return load_metrics_file(settings, Path(source), source)
+    # The file is read twice (checked whole, then loaded), so standard input is kept meanwhile.
+    with tempfile.TemporaryDirectory(prefix="load-metrics-") as folder:
+        path = Path(folder, "stdin.csv")
+        with path.open("wb") as copy:
+            shutil.copyfileobj(sys.stdin.buffer, copy)
+        return load_metrics_file(settings, path, "standard input")
+
+
+def load_metrics_file(settings: Settings, path: Path, name: str) -> int:
     """Upsert facts from a CSV file. Every problem of the file is reported at once, malformed
     lines and keys given twice, and then nothing is written."""
     try:
         with path.open(encoding="utf-8-sig", newline="") as file:
             check = check_metrics_csv(file)
     except (OSError, UnicodeDecodeError) as error:
-        return fail(f"cannot read {path}: {error}")
+        return fail(f"cannot read {name}: {error}")
     if check.errors and not check.rows:  # no line to compare with another
-        return not_loaded(path, check.errors, check.error_count)
+        return not_loaded(name, check.errors, check.error_count)
 
     async def work(session: AsyncSession) -> int:
-        # Run on a malformed file too, to find its repeated keys; rolled back then.
+        # Run on a malformed file too, to find its repeated keys; rolled back then. Each new
+        # name is added as first spelled in the file (`names` keeps first spellings).
         ids = {
-            name: await crud.ensure_dimension_values(session, DIMENSIONS[name], names)
-            for name, names in check.names.items()
+            dimension: await crud.ensure_dimension_values(
+                session, DIMENSIONS[dimension], names.values()
+            )
+            for dimension, names in check.names.items()
         }
         await crud.ensure_dates(session, check.dates)
         progress = Progress("load-metrics", check.rows)
@@ -218,7 +274,7 @@ def load_metrics(settings: Settings, path: Path) -> int:
             twice = [
                 f"line {ns[0]}: same date and dimensions as line(s) {ns[1:]}" for ns in repeated
             ]
-            return not_loaded(path, check.errors + twice, check.error_count + repeated_count)
+            return not_loaded(name, check.errors + twice, check.error_count + repeated_count)
         if check.rows >= BULK_ROWS:
             async with crud.foreign_keys_checked_once(session):
                 written = await crud.upsert_staged_facts(session)
@@ -230,14 +286,14 @@ def load_metrics(settings: Settings, path: Path) -> int:
         await crud.after_bulk_load(session)
         await session.commit()
         progress.finish()
-        print(f"load-metrics: {written:,} facts inserted or updated from {path}")
+        print(f"load-metrics: {count(written, 'fact')} inserted or updated from {name}")
         return 0
 
     try:
         return asyncio.run(in_session(settings, work))
     except (OSError, SQLAlchemyError) as error:
         if check.errors:  # what the file shows without the database
-            not_loaded(path, check.errors, check.error_count)
+            not_loaded(name, check.errors, check.error_count)
             return fail(f"{database_unavailable(error)}; keys given twice were not looked for")
         return fail(database_unavailable(error))
 
@@ -249,10 +305,19 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="cli.py", description="Operator commands.")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    create = commands.add_parser("create-user", help="add a user who may write")
-    create.add_argument("username")
+    create = commands.add_parser(
+        "create-user",
+        help="add a user who may write",
+        description=(
+            f"Add a user who may write. The password needs {PASSWORD_MIN_LENGTH} characters or"
+            " more; it is asked for twice, or read from one line of standard input."
+        ),
+    )
+    create.add_argument("username", help="the login name (case-insensitive: stored lower-cased)")
     create.add_argument(
-        "--password-stdin", action="store_true", help="read the password from standard input"
+        "--password-stdin",
+        action="store_true",
+        help=f"read the password ({PASSWORD_MIN_LENGTH}+ characters) from standard input",
     )
 
     commands.add_parser("report-now", help="have a running worker print a pet report now")
@@ -277,7 +342,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
 
     load = commands.add_parser("load-metrics", help="upsert facts from a CSV file")
-    load.add_argument("file", type=Path)
+    load.add_argument("file", help="the CSV file, or - to read it from standard input")
+
+    wait = commands.add_parser("wait-for-db", help="wait until the database accepts connections")
+    wait.add_argument(
+        "--timeout", type=float, default=60.0, help="give up after this many seconds (default 60)"
+    )
 
     args = parser.parse_args(argv)
     if args.command == "seed-metrics":
@@ -290,10 +360,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        settings = get_settings()
-    except ValidationError as error:
-        return fail(f"invalid configuration:\n{error}")
+    settings = load_settings()
     if args.command == "create-user":
         return create_user(settings, args.username, args.password_stdin)
     if args.command == "report-now":
@@ -306,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                 session, args.days, args.rows_per_day, args.seed, end, args.if_empty
             ),
         )
+    if args.command == "wait-for-db":
+        return wait_for_db(settings, args.timeout)
     return load_metrics(settings, args.file)
 
 

@@ -105,7 +105,7 @@ from models import (
     date_id_of,
 )
 from server import LimitRequestBody
-from settings import HEARTBEAT_KEY, Settings, configure_logging, get_settings
+from settings import HEARTBEAT_KEY, Settings, configure_logging, load_settings
 from turns import Turns
 
 log = logging.getLogger("pets.api")
@@ -171,7 +171,7 @@ async def keep_provisioning_admin(settings: Settings, sessionmaker: SessionMaker
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    settings: Settings = app.state.settings or get_settings()
+    settings: Settings = app.state.settings or load_settings()
     app.state.settings = settings
     configure_logging(settings.LOG_LEVEL)
     engine = create_engine(settings)

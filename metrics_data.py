@@ -116,7 +116,10 @@ class CsvCheck:
     errors: list[str] = field(default_factory=list)
     error_count: int = 0
     rows: int = 0
-    names: dict[str, set[str]] = field(default_factory=lambda: {name: set() for name in DIMENSIONS})
+    # Per dimension, casefolded name -> the name as first spelled in the file.
+    names: dict[str, dict[str, str]] = field(
+        default_factory=lambda: {name: {} for name in DIMENSIONS}
+    )
     dates: set[date] = field(default_factory=set)
 
 
@@ -150,7 +153,8 @@ def check_metrics_csv(lines: Iterable[str]) -> CsvCheck:
             check.rows += 1
             check.dates.add(row.date)
             for name in DIMENSIONS:
-                check.names[name].add(getattr(row, name))
+                value = getattr(row, name)
+                check.names[name].setdefault(value.casefold(), value)
             continue
         check.error_count += len(row)
         room = MAX_LISTED_ERRORS - len(check.errors)

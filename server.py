@@ -17,7 +17,7 @@ from uvicorn.server import ServerState
 from errors import RETRY_AFTER_SECONDS
 from middleware import security_headers
 from models import Problem
-from settings import Settings, get_settings
+from settings import Settings, get_settings, load_settings
 
 PROBLEM_MEDIA_TYPE = b"application/problem+json"
 
@@ -343,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     args = parser.parse_args(argv)
-    settings = get_settings()
+    settings = load_settings()
     uvicorn.run(
         "main:app",
         host=args.host,

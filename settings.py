@@ -3,9 +3,10 @@
 import logging
 import sys
 from functools import lru_cache
+from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models import PASSWORD_MIN_LENGTH, Username
@@ -22,12 +23,16 @@ PLACEHOLDER_ADMIN_PASSWORD = "admin"  # noqa: S105
 # character or a word typed twice, while a random secret (`openssl rand -hex 32`: 64 characters
 # from 16) has fewer only with a probability far below one in 10^20.
 JWT_SECRET_MIN_DISTINCT_CHARACTERS = 8
+# The .env file beside this module, so every entry point reads the same one whatever the cwd;
+# .env.example is the development one to copy.
+ENV_FILE = Path(__file__).resolve().parent / ".env"
+ENV_EXAMPLE = ENV_FILE.with_name(".env.example")
 
 
 class Settings(BaseSettings):
     # hide_input_in_errors: a refusal must not print the secrets it was given into the log.
     model_config = SettingsConfigDict(
-        env_file=".env", extra="ignore", frozen=True, hide_input_in_errors=True
+        env_file=ENV_FILE, extra="ignore", frozen=True, hide_input_in_errors=True
     )
 
     ENVIRONMENT: Literal["development", "test", "production"] = "production"
@@ -117,7 +122,7 @@ class Settings(BaseSettings):
         if self.ENVIRONMENT == "development":
             return self
         if secret == PLACEHOLDER_JWT_SECRET:
-            raise ValueError("JWT_SECRET still has its development placeholder; set a secret")
+            raise ValueError("JWT_SECRET still has its development placeholder")
         if len(set(secret)) < JWT_SECRET_MIN_DISTINCT_CHARACTERS:
             raise ValueError(
                 f"JWT_SECRET has fewer than {JWT_SECRET_MIN_DISTINCT_CHARACTERS} distinct"
@@ -125,7 +130,7 @@ class Settings(BaseSettings):
             )
         password = self.ADMIN_PASSWORD.get_secret_value()
         if password == PLACEHOLDER_ADMIN_PASSWORD:
-            raise ValueError("ADMIN_PASSWORD still has its development placeholder; set one")
+            raise ValueError("ADMIN_PASSWORD still has its development placeholder")
         if len(password) < PASSWORD_MIN_LENGTH:
             raise ValueError(
                 f"ADMIN_PASSWORD must be at least {PASSWORD_MIN_LENGTH} characters long"
@@ -137,6 +142,38 @@ class Settings(BaseSettings):
 @lru_cache
 def get_settings() -> Settings:
     return Settings()
+
+
+def settings_problem(error: ValidationError) -> str:
+    """One line for invalid settings: what is wrong, and the file or variable that fixes it."""
+    problems, names = [], []
+    for item in error.errors():
+        message = str(item["msg"]).removeprefix("Value error, ")
+        # A field's own error names it in `loc`; the cross-field checks name it first in `msg`.
+        name = str(item["loc"][0]) if item["loc"] else message.split(" ", 1)[0]
+        problems.append(message if message.startswith(name) else f"{name}: {message}")
+        if name in Settings.model_fields and name not in names:
+            names.append(name)
+    settings = " and ".join(names) or "the settings"
+    if ENV_FILE.exists():
+        fix = f"change {settings} in {ENV_FILE} (or in the environment, which takes precedence)"
+    elif ENV_EXAMPLE.exists():
+        fix = (
+            f"copy .env.example to .env (cp .env.example .env) for local development,"
+            f" or set {settings}"
+        )
+    else:
+        fix = f"set {settings}"
+    return f"settings: {'; '.join(problems)}; {fix}"
+
+
+def load_settings() -> Settings:
+    """The settings for an entry point (API, worker, CLI, migrations): when they are invalid the
+    process ends with one line naming what to change, not a validation traceback."""
+    try:
+        return get_settings()
+    except ValidationError as error:
+        raise SystemExit(settings_problem(error)) from None
 
 
 def configure_logging(level: str) -> None:

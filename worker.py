@@ -27,7 +27,7 @@ import crud
 from db import create_engine
 from errors import Unavailable, classify_db_error
 from models import PetTypeStats
-from settings import HEARTBEAT_KEY, REPORT_JOB, Settings, configure_logging, get_settings
+from settings import HEARTBEAT_KEY, REPORT_JOB, Settings, configure_logging, load_settings
 
 log = logging.getLogger("pets.worker")
 
@@ -185,7 +185,7 @@ def report_tick_job_id(moment: datetime) -> str:
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    settings: Settings = ctx.setdefault("settings", get_settings())
+    settings: Settings = ctx.setdefault("settings", load_settings())
     configure_logging(settings.LOG_LEVEL)
     ctx["engine"] = create_engine(settings, application_name="pets-worker")
     ctx["report_template"] = load_report_template()
@@ -231,7 +231,7 @@ class WorkerSettings:
     )
     on_startup: StartupShutdown | None = startup
     on_shutdown: StartupShutdown | None = shutdown
-    redis_settings = redis_settings(get_settings())
+    redis_settings = redis_settings(load_settings())
     timezone = UTC
     # `arq --check worker.WorkerSettings` fails once the worker has not written this long.
     health_check_interval = 10

@@ -9,7 +9,7 @@ from sqlmodel import SQLModel
 
 import models  # noqa: F401 - registers every table on SQLModel.metadata
 from alembic import context
-from settings import Settings
+from settings import load_settings
 
 config = context.config
 # A caller that hands over its own connection (tests, pytest-alembic) keeps its own logging too.
@@ -25,7 +25,7 @@ target_metadata = SQLModel.metadata
 def database_url() -> str:
     # Tests and tools pass the URL in; otherwise it is the service's own DATABASE_URL.
     url = config.attributes.get("database_url")
-    return str(url) if url else Settings().DATABASE_URL
+    return str(url) if url else load_settings().DATABASE_URL
 
 
 def run_migrations_offline() -> None:

@@ -38,6 +38,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.update(
     {"ENVIRONMENT": "test", "JWT_SECRET": JWT_SECRET, "ADMIN_PASSWORD": ADMIN_PASSWORD}
 )
+# Nor a developer's own .env (README: cp .env.example .env) in this process; tests/test_settings.py
+# checks how the entry points read it.
+Settings.model_config["env_file"] = None
 
 
 async def _check_postgres() -> None:

@@ -25,6 +25,7 @@ import auth
 import crud
 import main
 from main import PlaceholderAdminPassword, create_app, provision_admin
+from models import PASSWORD_MIN_LENGTH
 from settings import PLACEHOLDER_ADMIN_PASSWORD, PLACEHOLDER_JWT_SECRET, Settings
 from tests.conftest import (
     ADMIN_PASSWORD,
@@ -437,6 +438,13 @@ def test_cli_create_user_rejects_invalid_accounts(
     result = run_cli(settings, "create-user", username, "--password-stdin", stdin=password + "\n")
     assert result.returncode == 1
     assert message in result.stderr
+
+
+def test_cli_create_user_help_states_the_password_minimum(settings: Settings) -> None:
+    result = run_cli(settings, "create-user", "--help")
+    assert result.returncode == 0
+    assert f"The password needs {PASSWORD_MIN_LENGTH} characters or more" in result.stdout
+    assert f"read the password ({PASSWORD_MIN_LENGTH}+ characters)" in result.stdout
 
 
 @pytest.fixture

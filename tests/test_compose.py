@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -81,16 +82,65 @@ def test_commands_ports_and_shutdown_grace() -> None:
 
 def test_configuration_has_working_development_defaults() -> None:
     for name in ("migrate", "api", "worker"):
-        raw = SERVICES[name]["environment"]
-        assert all("${" in str(value) for value in raw.values()), raw
         settings = Settings.model_validate(environment(name))
         assert settings.ENVIRONMENT == "development"
+        assert settings.REDIS_URL == "redis://redis:6379/0"
+        assert settings.WEB_CONCURRENCY == 2
     database = SERVICES["db"]["environment"]
     url = environment("api")["DATABASE_URL"]
     user, password, name = (
         resolve(database[k]) for k in ("POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB")
     )
     assert url == f"postgresql+asyncpg://{user}:{password}@db:5432/{name}"
+
+
+def readme_section(title: str) -> str:
+    readme = Path(ROOT, "README.md").read_text()
+    return readme.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def test_only_documented_knobs_come_from_the_host() -> None:
+    text = Path(ROOT, "docker-compose.yml").read_text()
+    interpolated = set(re.findall(r"\$\{(\w+)", text))
+    # A URL exported for local work (README: Without Docker) must not reach a container.
+    assert not interpolated & {"DATABASE_URL", "REDIS_URL"}
+    assert "WEB_CONCURRENCY" in interpolated
+    configuration = Path(ROOT, "docs", "configuration.md").read_text()
+    undocumented = {name for name in interpolated if f"`{name}`" not in configuration}
+    assert not undocumented
+
+
+def test_database_health_is_checked_over_tcp_and_migrate_waits_for_it() -> None:
+    # The image's init-time server answers on the Unix socket only.
+    assert "pg_isready -h 127.0.0.1 " in SERVICES["db"]["healthcheck"]["test"][1]
+    migration = SERVICES["migrate"]["command"][-1]
+    assert migration.startswith("python cli.py wait-for-db --timeout 60 && alembic upgrade head")
+
+
+def test_wait_for_db_gives_up_after_its_timeout() -> None:
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    port = closed.getsockname()[1]
+    env = {"DATABASE_URL": f"postgresql://postgres@127.0.0.1:{port}/pets"}
+    started = time.monotonic()
+    try:
+        result = run([sys.executable, "cli.py", "wait-for-db", "--timeout", "2"], env)
+    finally:
+        closed.close()
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: the database did not answer within 2 s (")
+    assert 2 <= time.monotonic() - started < 20
+
+
+def seed_arguments(command: str) -> list[str]:
+    return command.split("seed-metrics", 1)[1].split("\n", 1)[0].split()
+
+
+def test_compose_and_the_local_path_seed_the_same_demo_size() -> None:
+    composed = seed_arguments(SERVICES["migrate"]["command"][-1])
+    local = seed_arguments(readme_section("Without Docker"))
+    assert composed == local == ["--if-empty", "--days", "365", "--rows-per-day", "300"]
+    assert "109,500" in readme_section("The two commands")
 
 
 # --- the image ---------------------------------------------------------------------------------

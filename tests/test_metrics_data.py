@@ -455,3 +455,36 @@ async def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_neutralised(
         await client.get("/metrics", params={"preset": "last_7d", "group_by": "region"})
     ).json()["rows"]
     assert sorted(row["region"] for row in json_rows) == sorted(names)  # JSON is left as it is
+
+
+@pytest.mark.usefixtures("empty_metrics")
+async def test_load_reads_standard_input_and_keeps_the_first_spelling_of_a_new_name(
+    settings: Settings, session: AsyncSession
+) -> None:
+    spellings = ["Middle-earth", "MIDDLE-EARTH", "middle-earth", "Middle-Earth", "mIDDLE-eARTH"]
+    genders = ["female", "male", "unknown", "other", "any"]
+    lines = [
+        f"2026-11-10,{name},18-24,{gender},facebook,feed,mobile,10,1,0.50,0,0"
+        for name, gender in zip(spellings, genders, strict=True)
+    ]
+    result = run_cli(settings, "load-metrics", "-", stdin=HEADER + "".join(f"{x}\n" for x in lines))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "load-metrics: 5 facts inserted or updated from standard input\n"
+    regions = await session.exec(text("SELECT region_name FROM dim_region"))  # type: ignore[call-overload]
+    assert [row[0] for row in regions] == ["Middle-earth"]
+    await session.commit()
+
+
+@pytest.mark.usefixtures("empty_metrics")
+def test_load_counts_one_fact_in_the_singular(settings: Settings, tmp_path: Path) -> None:
+    line = "2026-11-10,North,18-24,female,facebook,feed,mobile,1,0,0,0,0"
+    output = cli_ok(settings, "load-metrics", str(write_csv(tmp_path, line)))
+    assert "load-metrics: 1 row\n" in output
+    assert "load-metrics: 1 fact inserted or updated from " in output
+
+
+@pytest.mark.usefixtures("empty_metrics")
+def test_load_from_standard_input_rejects_a_malformed_file_naming_it(settings: Settings) -> None:
+    result = run_cli(settings, "load-metrics", "-", stdin="date,region\n")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: standard input was not loaded; nothing was written:")
