@@ -112,6 +112,8 @@ def wait_for_db(settings: Settings, timeout: float) -> int:
 def read_password(from_stdin: bool) -> str:
     if from_stdin:
         return sys.stdin.readline().rstrip("\r\n")
+    if not sys.stdin.isatty():
+        raise SystemExit("error: no terminal to ask for the password; use --password-stdin")
     password = getpass.getpass("Password: ")
     if getpass.getpass("Repeat the password: ") != password:
         raise SystemExit("error: the passwords do not match")
@@ -272,7 +274,8 @@ def load_metrics_file(settings: Settings, path: Path, name: str) -> int:
             await session.rollback()
             progress.stop()
             twice = [
-                f"line {ns[0]}: same date and dimensions as line(s) {ns[1:]}" for ns in repeated
+                f"line {ns[0]}: same date and dimensions as line(s) {', '.join(map(str, ns[1:]))}"
+                for ns in repeated
             ]
             return not_loaded(name, check.errors + twice, check.error_count + repeated_count)
         if check.rows >= BULK_ROWS:

@@ -624,3 +624,13 @@ async def test_no_response_can_carry_a_password_hash_or_a_traceback(
     assert {"id", "name", "access_token", "detail"} <= names  # the walk reaches the bodies
     words = ("password", "hash", "secret", "trace")
     assert {n for n in names if any(word in n.lower() for word in words)} == set()
+
+
+def test_cli_create_user_without_a_terminal_says_to_use_password_stdin(
+    settings: Settings,
+) -> None:
+    result = run_cli(settings, "create-user", "no-tty-user")
+    assert result.returncode != 0
+    assert (
+        result.stderr.strip() == "error: no terminal to ask for the password; use --password-stdin"
+    )

@@ -293,7 +293,7 @@ async def test_a_key_given_twice_is_rejected_naming_both_lines(
     )
     result = run_cli(settings, "load-metrics", str(path))
     assert result.returncode == 1
-    assert "line 2: same date and dimensions as line(s) [4]" in result.stderr
+    assert "line 2: same date and dimensions as line(s) 4" in result.stderr
     assert await checksum(session) == before
 
 
@@ -310,7 +310,7 @@ async def test_malformed_lines_and_a_key_given_twice_are_reported_in_one_run(
     assert "nothing was written" in result.stderr
     assert "line 3: date: " in result.stderr
     assert "line 5: expected 12 fields, found 11" in result.stderr
-    assert "line 2: same date and dimensions as line(s) [4]" in result.stderr
+    assert "line 2: same date and dimensions as line(s) 4" in result.stderr
     assert await checksum(session) == before
 
 

@@ -91,6 +91,18 @@ def test_env_example_is_read_from_the_project_directory_whatever_the_cwd(
     assert result.stdout == "wait-for-db: the database answers\n"
 
 
+def test_alembic_finds_the_project_from_another_directory(
+    project: Path, tmp_path: Path, database_url: str
+) -> None:
+    (project / ".env").write_text(
+        re.sub(r"^DATABASE_URL=.*$", f"DATABASE_URL={database_url}", env_example(), flags=re.M)
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run([str(BIN / "alembic"), "-c", str(project / "alembic.ini"), "current"], elsewhere)
+    assert result.returncode == 0, result.stderr
+
+
 def test_env_example_holds_the_local_development_values(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in Settings.model_fields:
         monkeypatch.delenv(name, raising=False)
