@@ -75,15 +75,21 @@ def test_invalid_env_file_is_named_in_the_message(project: Path) -> None:
     )
 
 
-def test_env_example_is_read_from_the_project_directory_whatever_the_cwd(
-    project: Path, tmp_path: Path, database_url: str
-) -> None:
+@pytest.fixture
+def elsewhere(project: Path, tmp_path: Path, database_url: str) -> Path:
+    """The copy given a .env made from .env.example, and a directory that is not the project."""
     # The one edit a user might make: the database (here, the test run's own).
     (project / ".env").write_text(
         re.sub(r"^DATABASE_URL=.*$", f"DATABASE_URL={database_url}", env_example(), flags=re.M)
     )
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    return other
+
+
+def test_env_example_is_read_from_the_project_directory_whatever_the_cwd(
+    project: Path, elsewhere: Path
+) -> None:
     result = run(
         [sys.executable, str(project / "cli.py"), "wait-for-db", "--timeout", "20"], elsewhere
     )
@@ -91,14 +97,7 @@ def test_env_example_is_read_from_the_project_directory_whatever_the_cwd(
     assert result.stdout == "wait-for-db: the database answers\n"
 
 
-def test_alembic_finds_the_project_from_another_directory(
-    project: Path, tmp_path: Path, database_url: str
-) -> None:
-    (project / ".env").write_text(
-        re.sub(r"^DATABASE_URL=.*$", f"DATABASE_URL={database_url}", env_example(), flags=re.M)
-    )
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+def test_alembic_finds_the_project_from_another_directory(project: Path, elsewhere: Path) -> None:
     result = run([str(BIN / "alembic"), "-c", str(project / "alembic.ini"), "current"], elsewhere)
     assert result.returncode == 0, result.stderr
 
