@@ -16,7 +16,7 @@ from redis.commands.core import AsyncScript
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import crud
-from db import SessionDep
+from db import SessionDep, SettingsDep
 from errors import TooManyRequests, Unauthorized
 from models import INT32_MAX, Token, User
 from settings import PLACEHOLDER_ADMIN_PASSWORD, Settings
@@ -222,13 +222,12 @@ def user_id_from_token(token: str, settings: Settings) -> int:
 
 
 async def current_user(
-    request: Request,
+    settings: SettingsDep,
     session: SessionDep,
     token: Annotated[str | None, Depends(bearer_scheme)],
 ) -> User:
     if token is None:
         raise Unauthorized("This operation needs a bearer token: POST /auth/token to get one.")
-    settings: Settings = request.app.state.settings
     user = await crud.get_user(session, user_id_from_token(token, settings))
     if user is None:
         raise Unauthorized("The access token's user no longer exists.", invalid_token=True)
@@ -236,3 +235,5 @@ async def current_user(
 
 
 CurrentUser = Annotated[User, Depends(current_user)]
+# For a route that needs a signed-in user but not the user itself (in its `dependencies`).
+Authenticated = Depends(current_user)

@@ -6,9 +6,8 @@ import getpass
 import shutil
 import sys
 import tempfile
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, date, datetime, timedelta
+from collections.abc import Awaitable, Callable, Iterator
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TextIO, TypeVar
 
@@ -19,28 +18,21 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 import crud
+import metrics
 from auth import hash_password
+from backoff import Backoff
 from db import create_engine, create_sessionmaker
 from errors import ServiceError
 from metrics_data import (
     COMBINATIONS,
-    DEMO_VALUES,
-    FACT_COLUMNS,
     MAX_LISTED_ERRORS,
     check_metrics_csv,
-    demo_combinations,
-    demo_day,
     read_metrics_csv,
-    staging_line,
 )
-from models import DIMENSIONS, PASSWORD_MIN_LENGTH, MetricsCsvRow, UserCreate, date_id_of
+from models import PASSWORD_MIN_LENGTH, MetricsCsvRow, UserCreate
 from settings import REPORT_JOB, Settings, load_settings
 
 T = TypeVar("T")
-
-# From this many rows on, load-metrics checks foreign keys once for the whole load rather than
-# per row (see crud.foreign_keys_checked_once); below it, re-checking a large table costs more.
-BULK_ROWS = 100_000
 
 
 def fail(message: str) -> int:
@@ -74,26 +66,34 @@ def run_in_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[
         return fail(database_unavailable(error))
 
 
+# How often wait-for-db asks: soon at first (a container's database is often seconds away).
+WAIT_FOR_DB_BACKOFF = Backoff(first=0.25, cap=2.0)
+DATABASE_ERRORS = (OSError, SQLAlchemyError, ServiceError)
+
+
 async def wait_until_database_answers(settings: Settings, seconds: float) -> str | None:
     """None once a `SELECT 1` succeeds; the last error when `seconds` pass first."""
-    deadline = time.monotonic() + seconds
-    delay = 0.25
     engine = create_engine(settings, application_name="pets-cli", pool_size=1)
+
+    async def ping() -> None:
+        async with engine.connect() as connection:
+            await crud.ping(connection)
+
+    async def quietly(error: Exception, failures: int, delay: float) -> None:
+        pass
+
     try:
-        while True:
-            try:
-                async with engine.connect() as connection:
-                    await crud.ping(connection)
-                return None
-            except (OSError, SQLAlchemyError, ServiceError) as error:
-                last = f"{error.__class__.__name__}: {error}".splitlines()[0]
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return last
-            await asyncio.sleep(min(delay, left))
-            delay = min(delay * 2, 2.0)
+        await WAIT_FOR_DB_BACKOFF.retry(
+            ping,
+            retryable=lambda error: isinstance(error, DATABASE_ERRORS),
+            on_retry=quietly,
+            budget_seconds=seconds,
+        )
+    except DATABASE_ERRORS as error:
+        return f"{error.__class__.__name__}: {error}".splitlines()[0]
     finally:
         await engine.dispose()
+    return None
 
 
 def wait_for_db(settings: Settings, timeout: float) -> int:
@@ -194,27 +194,8 @@ async def seed_metrics(
     if if_empty and await crud.has_facts(session):
         print("seed-metrics: facts exist already; nothing to do")
         return 0
-    ids = {}
-    for name, values in DEMO_VALUES.items():
-        by_name = await crud.ensure_dimension_values(session, DIMENSIONS[name], values)
-        ids[name] = [by_name[value.casefold()] for value in values]
-    combinations = demo_combinations(ids)
-    first = end - timedelta(days=days - 1)
-    all_days = [first + timedelta(days=offset) for offset in range(days)]
-    await crud.ensure_dates(session, all_days)
-    await crud.delete_facts(session, date_id_of(first), date_id_of(end))
     progress = Progress("seed-metrics", days * rows_per_day)
-
-    async def lines() -> AsyncIterator[bytes]:
-        for day in all_days:
-            yield demo_day(day, rows_per_day, seed, combinations).encode()
-            progress.advance(rows_per_day)
-
-    async with crud.foreign_keys_checked_once(session):
-        await crud.copy_rows(session, "fact_ad_metrics_daily", FACT_COLUMNS, lines())
-    await crud.refresh_rollups(session, date_id_of(first), date_id_of(end))
-    await crud.after_bulk_load(session)
-    await session.commit()
+    await metrics.seed_facts(session, days, rows_per_day, seed, end, progress.advance)
     progress.finish()
     return 0
 
@@ -250,46 +231,24 @@ def load_metrics_file(settings: Settings, path: Path, name: str) -> int:
     if check.errors and not check.rows:  # no line to compare with another
         return not_loaded(name, check.errors, check.error_count)
 
+    def rows() -> Iterator[tuple[int, MetricsCsvRow]]:
+        with path.open(encoding="utf-8-sig", newline="") as file:
+            for number, row in read_metrics_csv(file):
+                if isinstance(row, MetricsCsvRow):  # malformed lines are in check.errors
+                    yield number, row
+
     async def work(session: AsyncSession) -> int:
-        # Run on a malformed file too, to find its repeated keys; rolled back then. Each new
-        # name is added as first spelled in the file (`names` keeps first spellings).
-        ids = {
-            dimension: await crud.ensure_dimension_values(
-                session, DIMENSIONS[dimension], names.values()
-            )
-            for dimension, names in check.names.items()
-        }
-        await crud.ensure_dates(session, check.dates)
         progress = Progress("load-metrics", check.rows)
-
-        async def lines() -> AsyncIterator[bytes]:
-            with path.open(encoding="utf-8-sig", newline="") as file:
-                for number, row in read_metrics_csv(file):
-                    if isinstance(row, MetricsCsvRow):  # malformed lines are in check.errors
-                        yield staging_line(number, row, ids).encode()
-                        progress.advance(1)
-
-        repeated, repeated_count = await crud.stage_facts(session, lines(), MAX_LISTED_ERRORS)
-        if check.errors or repeated:
-            await session.rollback()
+        loaded = await metrics.load_facts(session, check, rows, progress.advance)
+        if check.errors or loaded.repeated:
             progress.stop()
             twice = [
                 f"line {ns[0]}: same date and dimensions as line(s) {', '.join(map(str, ns[1:]))}"
-                for ns in repeated
+                for ns in loaded.repeated
             ]
-            return not_loaded(name, check.errors + twice, check.error_count + repeated_count)
-        if check.rows >= BULK_ROWS:
-            async with crud.foreign_keys_checked_once(session):
-                written = await crud.upsert_staged_facts(session)
-        else:
-            written = await crud.upsert_staged_facts(session)
-        if check.dates:
-            first, last = date_id_of(min(check.dates)), date_id_of(max(check.dates))
-            await crud.refresh_rollups(session, first, last)
-        await crud.after_bulk_load(session)
-        await session.commit()
+            return not_loaded(name, check.errors + twice, check.error_count + loaded.repeated_count)
         progress.finish()
-        print(f"load-metrics: {count(written, 'fact')} inserted or updated from {name}")
+        print(f"load-metrics: {count(loaded.written, 'fact')} inserted or updated from {name}")
         return 0
 
     try:

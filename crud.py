@@ -1,9 +1,9 @@
-"""Every query of the service, as plain async functions over a session."""
+"""Every query of the service, as plain async functions over a session or a connection: SQL
+only, nothing stateful."""
 
-import time
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date
 from functools import lru_cache
 from typing import Any
@@ -52,6 +52,7 @@ from models import (
     Dimension,
     FactAdMetricsDaily,
     MetricsPage,
+    MetricsPlan,
     MetricsRow,
     MetricValues,
     Pet,
@@ -285,73 +286,6 @@ async def dimension_values(db: Executor, dimension: Dimension) -> list[tuple[int
     return [(row["id"], row["name"]) for row in result.mappings()]
 
 
-@dataclass
-class DimensionNames:
-    """One dimension's names as the cache holds them."""
-
-    loaded_at: float
-    names: list[str]
-    ids_by_key: dict[str, list[int]]
-
-
-@dataclass
-class NameCache:
-    """Dimension names to ids, matched case-insensitively. A dimension is reloaded when a name is
-    not found (new values appear without a restart) or when its entry is older than `max_age`."""
-
-    max_age: float = 300.0
-    entries: dict[str, DimensionNames] = field(default_factory=dict)
-
-
-async def _load_names(db: Executor, cache: NameCache, dimension: Dimension) -> DimensionNames:
-    rows = await dimension_values(db, dimension)
-    ids_by_key: dict[str, list[int]] = {}
-    for row_id, name in rows:
-        ids_by_key.setdefault(name.casefold(), []).append(row_id)
-    entry = DimensionNames(time.monotonic(), [name for _, name in rows], ids_by_key)
-    cache.entries[dimension.name] = entry
-    return entry
-
-
-async def resolve_names(
-    db: Executor, cache: NameCache, dimension: Dimension, names: Iterable[str]
-) -> tuple[list[int], list[str], list[str]]:
-    """The ids of `names`, the names that do not exist, and every known name."""
-    wanted = list(names)
-    entry = cache.entries.get(dimension.name)
-    stale = entry is None or time.monotonic() - entry.loaded_at > cache.max_age
-    if entry is None or stale or any(n.casefold() not in entry.ids_by_key for n in wanted):
-        entry = await _load_names(db, cache, dimension)
-    ids = [i for name in wanted for i in entry.ids_by_key.get(name.casefold(), [])]
-    unknown = [name for name in wanted if name.casefold() not in entry.ids_by_key]
-    return sorted(set(ids)), unknown, entry.names
-
-
-@dataclass(frozen=True)
-class MetricsPlan:
-    """A validated metrics question, in ids: what `query_metrics` answers."""
-
-    start_id: int
-    end_id: int
-    filters: dict[str, list[int]]
-    group_by: tuple[str, ...]
-    sort: str | None
-    limit: int
-    offset: int
-    # False answers from the fact table whatever the question (to check the rollups against).
-    use_rollups: bool = True
-
-
-def metrics_source(plan: MetricsPlan) -> Table:
-    """The smallest table that holds every dimension the question filters or groups by."""
-    needed = set(plan.filters) | {group for group in plan.group_by if group in DIMENSIONS}
-    if plan.use_rollups:
-        for rollup in ROLLUPS:
-            if needed <= rollup.dimensions:
-                return _table(rollup.table)
-    return FACT
-
-
 def _ratios(sums: Mapping[str, ColumnElement[Any]], prefix: str = "") -> list[Label[Any]]:
     """Ratios of sums, rounded to 6 places; NULL where the denominator is 0."""
 
@@ -371,7 +305,7 @@ def _ratios(sums: Mapping[str, ColumnElement[Any]], prefix: str = "") -> list[La
 def metrics_statement(plan: MetricsPlan) -> tuple[Select[Any], dict[str, Any]]:
     """The statement that answers `plan`, and the values to run it with."""
     shape = _MetricsShape(
-        metrics_source(plan), plan.group_by, plan.sort, tuple(sorted(plan.filters))
+        _table(plan.source), plan.group_by, plan.sort, tuple(sorted(plan.filters))
     )
     values: dict[str, Any] = {
         "start_id": plan.start_id,

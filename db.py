@@ -1,10 +1,11 @@
-"""The async engine, the session factory, and the per-request session and connection
-dependencies."""
+"""The async engines, the session factory, and the dependencies that hand a request what the
+lifespan keeps on `app.state`: the settings, Redis, sessions and connections."""
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from redis.asyncio import Redis
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
@@ -54,7 +55,7 @@ def create_engine(
     return engine
 
 
-def _replace_if_closed(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+def _replace_if_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
     """A pooled connection the server has closed (a restart, an idle timeout) is replaced at
     checkout, so the next request does not fail on it. asyncpg learns of the close from the
     socket, so this costs no round trip, unlike `pool_pre_ping` (which cost a third of the time
@@ -67,8 +68,26 @@ def create_sessionmaker(engine: AsyncEngine) -> SessionMaker:
     return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
 
 
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    sessionmaker: SessionMaker = request.app.state.sessionmaker
+def from_state(name: str) -> Callable[[Request], Any]:
+    """A dependency that hands a request `app.state.<name>`, as the lifespan made it."""
+
+    def dependency(request: Request) -> Any:
+        return getattr(request.app.state, name)
+
+    return dependency
+
+
+SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
+RedisDep = Annotated[Redis, Depends(from_state("redis"))]
+# The main pool without transactions (see `autocommit`), and the analytics pool.
+ReadEngineDep = Annotated[AsyncEngine, Depends(from_state("read_engine"))]
+MetricsEngineDep = Annotated[AsyncEngine, Depends(from_state("metrics_engine"))]
+SessionMakerDep = Annotated[SessionMaker, Depends(from_state("sessionmaker"))]
+ListingTurnsDep = Annotated[Turns, Depends(from_state("listing_turns"))]
+MetricsTurnsDep = Annotated[Turns, Depends(from_state("metrics_turns"))]
+
+
+async def get_session(sessionmaker: SessionMakerDep) -> AsyncIterator[AsyncSession]:
     async with sessionmaker() as session:
         yield session
 
@@ -82,8 +101,7 @@ def autocommit(engine: AsyncEngine) -> AsyncEngine:
     return engine.execution_options(isolation_level="AUTOCOMMIT")
 
 
-async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
-    engine: AsyncEngine = request.app.state.read_engine
+async def get_connection(engine: ReadEngineDep) -> AsyncIterator[AsyncConnection]:
     async with engine.connect() as connection:
         yield connection
 
@@ -91,12 +109,12 @@ async def get_connection(request: Request) -> AsyncIterator[AsyncConnection]:
 ConnectionDep = Annotated[AsyncConnection, Depends(get_connection)]
 
 
-async def get_listing_connection(request: Request) -> AsyncIterator[AsyncConnection]:
+async def get_listing_connection(
+    turns: ListingTurnsDep, engine: ReadEngineDep
+) -> AsyncIterator[AsyncConnection]:
     """A connection of the main pool for a pet listing, once one of PETS_LIST_MAX_CONCURRENT
     turns is free: a name search scans the table, so a flood of them must not take the pool
     (or every core) from reads by id, logins and writes."""
-    turns: Turns = request.app.state.listing_turns
-    engine: AsyncEngine = request.app.state.read_engine
     async with turns.take(), engine.connect() as connection:
         yield connection
 
@@ -104,11 +122,11 @@ async def get_listing_connection(request: Request) -> AsyncIterator[AsyncConnect
 ListingConnectionDep = Annotated[AsyncConnection, Depends(get_listing_connection)]
 
 
-async def get_metrics_connection(request: Request) -> AsyncIterator[AsyncConnection]:
+async def get_metrics_connection(
+    turns: MetricsTurnsDep, engine: MetricsEngineDep
+) -> AsyncIterator[AsyncConnection]:
     """A connection of the analytics pool, once one of its METRICS_MAX_CONCURRENT turns is free
     (503 after METRICS_QUEUE_SECONDS): heavy questions queue here, not in the main pool."""
-    turns: Turns = request.app.state.metrics_turns
-    engine: AsyncEngine = request.app.state.metrics_engine
     async with turns.take(), engine.connect() as connection:
         yield connection
 

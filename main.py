@@ -1,15 +1,13 @@
 """The FastAPI app: lifespan, routes and the handlers that turn every error into a problem."""
 
 import asyncio
-import csv
 import importlib.resources
-import io
 import logging
 import os
 import re
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, date, datetime
 from http import HTTPStatus
@@ -38,9 +36,10 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import crud
+import metrics
 from auth import (
+    Authenticated,
     ClientAddress,
-    CurrentUser,
     LoginGuardDep,
     create_login_guard,
     dummy_hash,
@@ -49,15 +48,20 @@ from auth import (
     issue_token,
     log_in,
 )
+from backoff import Backoff
 from db import (
     ConnectionDep,
     ListingConnectionDep,
     MetricsConnectionDep,
+    ReadEngineDep,
+    RedisDep,
     SessionDep,
     SessionMaker,
+    SettingsDep,
     autocommit,
     create_engine,
     create_sessionmaker,
+    from_state,
 )
 from errors import (
     BadRequest,
@@ -83,7 +87,6 @@ from middleware import (
 from models import (
     DIMENSIONS,
     INT32_MAX,
-    METRICS,
     PASSWORD_MAX_LENGTH,
     PATTERN_MESSAGES,
     DimensionList,
@@ -102,7 +105,6 @@ from models import (
     Readiness,
     Token,
     Username,
-    date_id_of,
 )
 from server import LimitRequestBody
 from settings import HEARTBEAT_KEY, Settings, configure_logging, load_settings
@@ -112,9 +114,6 @@ log = logging.getLogger("pets.api")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 READY_CHECK_TIMEOUT_SECONDS = 2.0
-
-# An unknown filter value's error lists the known ones when there are at most this many.
-MAX_LISTED_VALUES = 30
 
 PetId = Annotated[int, Path(ge=1, le=INT32_MAX, description="The pet's id.")]
 
@@ -151,22 +150,27 @@ def stop_this_process() -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+# Waits between attempts to provision the admin account while the database is away.
+ADMIN_BACKOFF = Backoff(first=2.0, cap=30.0)
+
+
 async def keep_provisioning_admin(settings: Settings, sessionmaker: SessionMaker) -> None:
     """Retry with backoff until the database (and its schema) is there. The API is serving by
     then, so an admin account that turns out to have the placeholder password stops it."""
-    delay = 1.0
-    while True:
-        await asyncio.sleep(delay)
-        try:
-            await provision_admin(settings, sessionmaker)
-            return
-        except PlaceholderAdminPassword as error:
-            log.critical("refusing to serve, stopping: %s", error)
-            stop_this_process()
-            return
-        except Exception as error:  # noqa: BLE001 - any other failure here is retried
-            delay = min(delay * 2, 30.0)
-            log.warning("admin user not provisioned yet (%s); retrying in %.0f s", error, delay)
+
+    async def on_retry(error: Exception, _failures: int, delay: float) -> None:
+        log.warning("admin user not provisioned yet (%s); retrying in %.0f s", error, delay)
+
+    await asyncio.sleep(1.0)  # the lifespan's own attempt has just failed
+    try:
+        await ADMIN_BACKOFF.retry(
+            lambda: provision_admin(settings, sessionmaker),
+            retryable=lambda error: not isinstance(error, PlaceholderAdminPassword),
+            on_retry=on_retry,
+        )
+    except PlaceholderAdminPassword as error:
+        log.critical("refusing to serve, stopping: %s", error)
+        stop_this_process()
 
 
 @asynccontextmanager
@@ -195,7 +199,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings.PETS_LIST_QUEUE_SECONDS,
         "Too many pet listings are running; retry shortly.",
     )
-    app.state.dimension_names = crud.NameCache()
+    app.state.dimension_names = metrics.NameCache()
     app.state.redis = Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2, socket_timeout=2)
     app.state.login_guard = create_login_guard(settings, app.state.redis, app.state.read_engine)
     provisioning: asyncio.Task[None] | None = None
@@ -250,14 +254,14 @@ def _message(error: Mapping[str, Any]) -> str:
     return str(error["msg"]).removeprefix("Value error, ")
 
 
-async def on_validation_error(request: Request, error: Exception) -> JSONResponse:
+async def on_validation_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, RequestValidationError)
     items: list[ErrorItem] = [(list(e["loc"]), _message(e)) for e in error.errors()]
     errors = [ProblemItem(loc=loc, msg=msg) for loc, msg in items]
     return problem_response(422, summarise(items), errors=errors)
 
 
-async def on_service_error(request: Request, error: Exception) -> JSONResponse:
+async def on_service_error(_request: Request, error: Exception) -> JSONResponse:
     assert isinstance(error, ServiceError)
     items = [ProblemItem(loc=loc, msg=msg) for loc, msg in error.items] or None
     return problem_response(error.status, error.detail, headers=error.headers, errors=items)
@@ -306,7 +310,7 @@ async def on_database_error(request: Request, error: Exception) -> JSONResponse:
     return await on_service_error(request, mapped)
 
 
-async def on_unexpected_error(request: Request, error: Exception) -> JSONResponse:
+async def on_unexpected_error(request: Request, _error: Exception) -> JSONResponse:
     # The traceback goes to the log (Starlette re-raises after this), never to the client. This
     # response is sent from outside every middleware, so it carries the security headers itself.
     headers = security_headers(request.url.path)
@@ -585,7 +589,7 @@ async def issue_access_token(
     client: ClientAddress,
     username: Annotated[Username, Form()],
     password: Annotated[str, Form(min_length=1, max_length=PASSWORD_MAX_LENGTH)],
-    grant_type: Annotated[Literal["password"] | None, Form()] = None,
+    grant_type: Annotated[Literal["password"] | None, Form()] = None,  # noqa: ARG001 - validated
 ) -> Token:
     """Exchange a username (case-insensitive) and password (OAuth2 password flow) for a bearer
     token.
@@ -653,13 +657,12 @@ async def get_pet(
         },
         **problems(401, 415, 422, 503),
     },
-    dependencies=[JsonBody],
+    dependencies=[JsonBody, Authenticated],
 )
 async def create_pet(
     request: Request,
     response: Response,
     session: SessionDep,
-    user: CurrentUser,
     pet: PetCreate,
 ) -> PetRecord:
     """Add a pet."""
@@ -675,11 +678,10 @@ async def create_pet(
     tags=["pets"],
     response_model=PetPublic,
     responses=PET_WRITE_RESPONSES,
-    dependencies=[JsonBody],
+    dependencies=[JsonBody, Authenticated],
 )
 async def replace_pet(
     session: SessionDep,
-    user: CurrentUser,
     pet_id: PetId,
     pet: PetCreate,
     response: Response,
@@ -696,11 +698,10 @@ async def replace_pet(
     tags=["pets"],
     response_model=PetPublic,
     responses=PET_WRITE_RESPONSES,
-    dependencies=[JsonBody],
+    dependencies=[JsonBody, Authenticated],
 )
 async def patch_pet(
     session: SessionDep,
-    user: CurrentUser,
     pet_id: PetId,
     changes: PetUpdate,
     response: Response,
@@ -718,10 +719,9 @@ async def patch_pet(
     response_class=Response,
     tags=["pets"],
     responses=problems(401, 404, 412, 422, 503),
+    dependencies=[Authenticated],
 )
-async def delete_pet(
-    session: SessionDep, user: CurrentUser, pet_id: PetId, versions: IfMatchVersions
-) -> None:
+async def delete_pet(session: SessionDep, pet_id: PetId, versions: IfMatchVersions) -> None:
     """Remove a pet (only if it still has an ETag in If-Match, when given)."""
     await crud.delete_pet(session, pet_id, versions)
 
@@ -731,73 +731,8 @@ def utc_today() -> date:
     return datetime.now(UTC).date()
 
 
-async def filter_ids(
-    db: crud.Executor, cache: crud.NameCache, query: MetricsQuery
-) -> tuple[dict[str, list[int]], list[ErrorItem]]:
-    """Ids of the filter names, and a problem naming each dimension's unknown ones (with the
-    known ones, when few)."""
-    ids: dict[str, list[int]] = {}
-    problems_found: list[ErrorItem] = []
-    for name, values in query.filters().items():
-        found, unknown, known = await crud.resolve_names(db, cache, DIMENSIONS[name], values)
-        if unknown:
-            allowed = (
-                f"allowed: {', '.join(known)}"
-                if len(known) <= MAX_LISTED_VALUES
-                else f"see GET /dimensions/{name}"
-            )
-            listed = ", ".join(repr(value) for value in unknown)
-            problems_found.append((["query", name], f"unknown {name} {listed}; {allowed}"))
-        ids[name] = found
-    return ids, problems_found
-
-
-# Problems of a metrics question are listed in the order of its parameters.
-METRICS_PARAMETER_ORDER = {name: index for index, name in enumerate(MetricsQuery.model_fields)}
-
-
-def in_parameter_order(items: list[ErrorItem]) -> list[ErrorItem]:
-    def position(item: ErrorItem) -> int:
-        loc = item[0]  # ["query", parameter]
-        return METRICS_PARAMETER_ORDER.get(str(loc[1]), 0) if len(loc) > 1 else 0
-
-    return sorted(items, key=position)
-
-
-# A cell a spreadsheet would run as a formula (OWASP's CSV injection rule).
-FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
-
-
-def csv_cell(value: object) -> object:
-    """The value as a CSV cell: empty for null; text that a spreadsheet would take for a
-    formula (a dimension named `=HYPERLINK(...)`) gets a leading `'`, so it stays text."""
-    if value is None:
-        return ""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
-        return f"'{value}"
-    return value
-
-
-def metrics_csv(page: MetricsPage, group_by: Sequence[str]) -> StreamingResponse:
-    columns = [*group_by, *METRICS]
-
-    def lines() -> Iterator[str]:
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(columns)
-        for row in page.rows:
-            writer.writerow([csv_cell(getattr(row, column)) for column in columns])
-            yield buffer.getvalue()
-            buffer.seek(0)
-            buffer.truncate()
-        yield buffer.getvalue()
-
-    headers = {
-        "Content-Disposition": 'attachment; filename="metrics.csv"',
-        "X-Total-Rows": str(page.total_rows),
-        "Vary": "Accept",
-    }
-    return StreamingResponse(lines(), media_type="text/csv; charset=utf-8", headers=headers)
+# The filter-name cache the lifespan keeps (names to ids, reloaded when a name is missing).
+NameCacheDep = Annotated[metrics.NameCache, Depends(from_state("dimension_names"))]
 
 
 @router.get(
@@ -811,8 +746,9 @@ def metrics_csv(page: MetricsPage, group_by: Sequence[str]) -> StreamingResponse
     },
 )
 async def get_metrics(
-    request: Request,
     db: MetricsConnectionDep,
+    names: NameCacheDep,
+    settings: SettingsDep,
     query: Annotated[MetricsQuery, Query()],
     today: Annotated[date, Depends(utc_today)],
     media_type: MediaType,
@@ -824,26 +760,17 @@ async def get_metrics(
     METRICS_MAX_CONCURRENT questions run at once per process; one more waits briefly, then gets
     503 with Retry-After. A question that breaks rules gets one 422 listing every problem: each
     unknown filter value, the range, a repeated group_by, a sort not in the result."""
-    settings: Settings = request.app.state.settings
-    # Every problem at once: the rules between parameters and each unknown filter name.
-    problems_found = query.rule_problems(today, settings.METRICS_MAX_SPAN_DAYS)
-    filters, unknown = await filter_ids(db, request.app.state.dimension_names, query)
-    if problems_found or unknown:
-        raise InvalidParameters(in_parameter_order([*problems_found, *unknown]))
-    start, end = query.date_range(today)
-    plan = crud.MetricsPlan(
-        start_id=date_id_of(start),
-        end_id=date_id_of(end),
-        filters=filters,
-        group_by=tuple(query.group_by),
-        sort=query.sort,
-        limit=query.limit,
-        offset=query.offset,
-    )
-    page = await crud.query_metrics(db, plan)
+    page = await metrics.answer(db, names, query, today, settings.METRICS_MAX_SPAN_DAYS)
     response.headers["Vary"] = "Accept"  # JSON or CSV by Accept (unless format= says)
-    wants_csv = query.format == "csv" or (query.format is None and media_type == CSV)
-    return metrics_csv(page, query.group_by) if wants_csv else page
+    if query.format == "csv" or (query.format is None and media_type == CSV):
+        headers = {
+            "Content-Disposition": 'attachment; filename="metrics.csv"',
+            "X-Total-Rows": str(page.total_rows),
+            "Vary": "Accept",
+        }
+        lines = metrics.csv_lines(page, query.group_by)
+        return StreamingResponse(lines, media_type="text/csv; charset=utf-8", headers=headers)
+    return page
 
 
 @router.get("/dimensions", tags=["metrics"])
@@ -906,12 +833,11 @@ async def _last_heartbeat(redis: Redis) -> tuple[HeartbeatState, datetime | None
 
 
 @router.get("/ready", tags=["operations"], responses=problems(503))
-async def ready(request: Request) -> Readiness:
+async def ready(redis: RedisDep, engine: ReadEngineDep) -> Readiness:
     """The database and Redis are reachable (503 naming the one that is not), and when the
     worker's heartbeat last ran."""
-    redis: Redis = request.app.state.redis
     database_ok, redis_ok = await asyncio.gather(
-        _reachable(_ping_database(request.app.state.read_engine)), _reachable(redis.ping())
+        _reachable(_ping_database(engine)), _reachable(redis.ping())
     )
     down = [name for name, ok in (("database", database_ok), ("redis", redis_ok)) if not ok]
     if down:

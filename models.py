@@ -2,7 +2,7 @@
 
 import unicodedata
 from dataclasses import dataclass
-from datetime import date, datetime, timedelta
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Annotated, Literal
 
@@ -110,6 +110,11 @@ Password = Annotated[
 ]
 
 
+# Input that names only the fields it may have: an unknown one is an error, never dropped.
+class StrictModel(SQLModel):
+    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+
+
 def _created_at_column(*, index: bool = False) -> Column[datetime]:
     return Column(DateTime(timezone=True), nullable=False, server_default=func.now(), index=index)
 
@@ -130,14 +135,12 @@ class Pet(PetBase, table=True):
 
 
 # Body of POST /pets and PUT /pets/{id}: every field required, nothing else accepted.
-class PetCreate(PetBase):
-    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
+class PetCreate(PetBase, StrictModel):
+    pass
 
 
 # Body of PATCH /pets/{id}: any subset of the fields; an explicit null is rejected.
-class PetUpdate(SQLModel):
-    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
-
+class PetUpdate(StrictModel):
     name: PetName = Field(default=None, description=NAME_RULE)
     pet_type: PetType = Field(default=None)
 
@@ -158,10 +161,9 @@ PetSort = Literal[
 ]
 
 
-# Query parameters of GET /pets.
+# Query parameters of GET /pets (an unknown one is refused by main.check_query_parameters, the
+# one check every route's query string passes).
 class PetQuery(SQLModel):
-    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
-
     limit: int = Field(default=20, ge=1, le=100)
     offset: int = Field(default=0, ge=0, le=INT32_MAX)
     pet_type: PetType | None = Field(default=None, description="Exact type, case-insensitive.")
@@ -418,6 +420,21 @@ MEASURES = ("impressions", "clicks", "cost", "conversions", "likes")
 RATIOS = ("ctr", "cpc", "cpm", "cpa", "cvr")
 METRICS = MEASURES + RATIOS
 
+
+@dataclass(frozen=True, kw_only=True)
+class MetricsPlan:
+    """A metrics question in ids, and the table that answers it: what crud.query_metrics runs."""
+
+    source: type[SQLModel]  # the facts, or a rollup holding every dimension the question uses
+    start_id: int
+    end_id: int
+    filters: dict[str, list[int]]
+    group_by: tuple[str, ...]
+    sort: str | None
+    limit: int
+    offset: int
+
+
 GroupBy = Literal[
     "date", "week", "month", "region", "age_group", "gender", "platform", "placement", "device_type"
 ]
@@ -435,12 +452,10 @@ GroupByList = Annotated[list[GroupBy], PydanticField(json_schema_extra={"uniqueI
 
 
 # Query parameters of GET /metrics. Each value's own form (types, choices, lengths) is checked
-# by the schema; the rules between parameters, and those that need the clock or settings, by
-# rule_problems, which the route runs with the filter-name lookup so one 422 names them all. The
-# descriptions state those rules in the OpenAPI document.
+# by the schema; the rules between parameters, and those that need the clock, the settings or
+# the database, by metrics.answer, so that one 422 names them all. The descriptions state those
+# rules in the OpenAPI document.
 class MetricsQuery(SQLModel):
-    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
-
     start_date: date | None = Field(
         default=None, description="First day, inclusive; given with end_date, not with preset."
     )
@@ -462,7 +477,7 @@ class MetricsQuery(SQLModel):
     device_type: FilterValues = Field(default_factory=list)
     group_by: GroupByList = Field(
         default_factory=list,
-        max_length=len(TIME_GROUPS) + 6,
+        max_length=len(TIME_GROUPS) + len(DIMENSIONS),
         description="Repeatable; each value at most once.",
     )
     sort: MetricsSort | None = Field(
@@ -475,61 +490,6 @@ class MetricsQuery(SQLModel):
     format: Literal["json", "csv"] | None = Field(
         default=None, description="`csv` streams the rows as CSV (so does `Accept: text/csv`)."
     )
-
-    def rule_problems(self, today: date, max_span_days: int) -> list[tuple[list[str | int], str]]:
-        """Each rule these parameters break, as (loc, message). Not validators: the route reports
-        these in one 422 together with the unknown filter names."""
-        problems: list[tuple[list[str | int], str]] = []
-        start, end = self.start_date, self.end_date
-        if (start is None) != (end is None):
-            missing = "end_date" if end is None else "start_date"
-            problems.append(
-                (["query", missing], "start_date and end_date go together (or use a preset)")
-            )
-        elif start is not None and end is not None and start > end:
-            problems.append((["query", "end_date"], f"start_date {start} is after end_date {end}"))
-        if self.preset is not None and (start is not None or end is not None):
-            problems.append(
-                (["query", "preset"], "give either preset or start_date/end_date, not both")
-            )
-        if not problems:
-            first, last = self.date_range(today)
-            if (last - first).days + 1 > max_span_days:
-                problems.append(
-                    (["query", "end_date"], f"the range spans more than {max_span_days} days")
-                )
-        repeated = sorted({group for group in self.group_by if self.group_by.count(group) > 1})
-        if repeated:
-            problems.append(
-                (["query", "group_by"], f"repeated group_by value(s): {', '.join(repeated)}")
-            )
-        allowed = [*dict.fromkeys(self.group_by), *METRICS]
-        if self.sort is not None and self.sort.removeprefix("-") not in allowed:
-            problems.append(
-                (
-                    ["query", "sort"],
-                    f"cannot sort on {self.sort.removeprefix('-')!r}: it is not in the result; "
-                    f"allowed: {', '.join(allowed)}",
-                )
-            )
-        return problems
-
-    def date_range(self, today: date) -> tuple[date, date]:
-        """The inclusive range asked for: the dates, else the preset (default last_30d)."""
-        if self.start_date is not None and self.end_date is not None:
-            return self.start_date, self.end_date
-        preset = self.preset or "last_30d"
-        if preset == "this_month":
-            return today.replace(day=1), today
-        if preset == "last_month":
-            last_day = today.replace(day=1) - timedelta(days=1)
-            return last_day.replace(day=1), last_day
-        days = {"last_7d": 7, "last_30d": 30, "last_90d": 90}[preset]
-        return today - timedelta(days=days - 1), today
-
-    def filters(self) -> dict[str, list[str]]:
-        """The name filters that were given, by dimension."""
-        return {name: getattr(self, name) for name in DIMENSIONS if getattr(self, name)}
 
 
 def _float_or_none(value: Decimal | None) -> float | None:
@@ -615,9 +575,7 @@ class DimensionValues(SQLModel):
 
 
 # One line of a `cli.py load-metrics` file.
-class MetricsCsvRow(SQLModel):
-    model_config = ConfigDict(extra="forbid")  # type: ignore[assignment]
-
+class MetricsCsvRow(StrictModel):
     date: date
     region: DimensionName
     age_group: DimensionName

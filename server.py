@@ -98,7 +98,7 @@ class LimitRequestBody:
         await self.app(scope, limited_receive, guarded_send)
 
 
-async def busy_problem(scope: Scope, receive: Receive, send: Send) -> None:
+async def busy_problem(_scope: Scope, _receive: Receive, send: Send) -> None:
     """503 problem for a request past HTTP_MAX_CONCURRENCY (uvicorn's own is plain text)."""
     body = problem_body(503, "The server is at its connection limit; retry shortly.")
     headers = [

@@ -1,29 +1,26 @@
 """The arq worker: a pet report to STDOUT every minute and a heartbeat every six hours."""
 
-import asyncio
 import dataclasses
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import Any, TextIO, TypeVar, cast
 
 from arq import cron, func
 from arq.connections import ArqRedis, RedisSettings
-from arq.cron import CronJob
-from arq.typing import StartupShutdown, WorkerCoroutine
 from arq.utils import to_unix_ms
-from arq.worker import Function
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template
 from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import crud
+from backoff import Backoff
 from db import create_engine
 from errors import Unavailable, classify_db_error
 from models import PetTypeStats
@@ -44,6 +41,9 @@ HEARTBEAT_TIMEOUT_SECONDS = 30
 # id; a worker that does so late, or restarts within the minute, finds the result and does not
 # print a second report. (arq keeps no result for cron jobs by default, which allows that.)
 KEEP_RESULT_SECONDS = 300
+# Waits between attempts while Redis or the database is away.
+REDIS_BACKOFF = Backoff(first=1.0, cap=10.0)
+DATABASE_BACKOFF = Backoff(first=1.0, cap=10.0)
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 
 
@@ -56,26 +56,25 @@ class PatientRetry(Retry):
     __slots__ = ()
 
     def __init__(self) -> None:
-        super().__init__(ExponentialBackoff(cap=10.0, base=0.5), retries=-1)
+        super().__init__(NoBackoff(), retries=-1)  # the waits are REDIS_BACKOFF's
 
     async def call_with_retry(
         self, do: Callable[[], Awaitable[T]], fail: Callable[[RedisError], Any]
     ) -> T:
-        self._backoff.reset()  # type: ignore[no-untyped-call]
-        failures = 0
-        while True:
-            try:
-                result = await do()
-            except self._supported_errors as error:
-                failures += 1
-                await fail(error)
-                delay = self._backoff.compute(failures)
-                log.warning("Redis unavailable (%s); retry %d in %.1f s", error, failures, delay)
-                await asyncio.sleep(delay)
-            else:
-                if failures:
-                    log.info("Redis is reachable again")
-                return result
+        failed = False
+
+        async def on_retry(error: Exception, failures: int, delay: float) -> None:
+            nonlocal failed
+            failed = True
+            await fail(cast(RedisError, error))  # one of _supported_errors
+            log.warning("Redis unavailable (%s); retry %d in %.1f s", error, failures, delay)
+
+        result = await REDIS_BACKOFF.retry(
+            do, retryable=lambda error: isinstance(error, self._supported_errors), on_retry=on_retry
+        )
+        if failed:
+            log.info("Redis is reachable again")
+        return result
 
 
 def redis_settings(settings: Settings) -> RedisSettings:
@@ -137,30 +136,33 @@ async def write_report(engine: AsyncEngine, template: Template, out: TextIO, now
     return total
 
 
+def database_unavailable(error: Exception) -> bool:
+    return isinstance(classify_db_error(error), Unavailable)
+
+
 async def wait_for_database(engine: AsyncEngine, budget_seconds: float) -> None:
     """Return once the database answers, retrying with backoff for up to `budget_seconds`."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + budget_seconds
-    delay = 1.0
-    failures = 0
-    while True:
-        try:
-            async with engine.connect() as connection:
-                await crud.ping(connection)
-        except Exception as error:
-            if not isinstance(classify_db_error(error), Unavailable):
-                raise
-            failures += 1
-            if loop.time() + delay > deadline:
-                log.warning("database unavailable (%r); giving up on this report", error)
-                raise
-            log.warning("database unavailable (%r); retry %d in %.0f s", error, failures, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 10.0)
-        else:
-            if failures:
-                log.info("database is reachable again")
-            return
+    failed = False
+
+    async def ping() -> None:
+        async with engine.connect() as connection:
+            await crud.ping(connection)
+
+    async def on_retry(error: Exception, failures: int, delay: float) -> None:
+        nonlocal failed
+        failed = True
+        log.warning("database unavailable (%r); retry %d in %.0f s", error, failures, delay)
+
+    try:
+        await DATABASE_BACKOFF.retry(
+            ping, retryable=database_unavailable, on_retry=on_retry, budget_seconds=budget_seconds
+        )
+    except Exception as error:
+        if database_unavailable(error):
+            log.warning("database unavailable (%r); giving up on this report", error)
+        raise
+    if failed:
+        log.info("database is reachable again")
 
 
 async def pet_report(ctx: dict[str, Any]) -> int:
@@ -185,7 +187,7 @@ def report_tick_job_id(moment: datetime) -> str:
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    settings: Settings = ctx.setdefault("settings", load_settings())
+    settings: Settings = ctx["settings"]
     configure_logging(settings.LOG_LEVEL)
     ctx["engine"] = create_engine(settings, application_name="pets-worker")
     ctx["report_template"] = load_report_template()
@@ -200,40 +202,50 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await ctx["engine"].dispose()
 
 
-class WorkerSettings:
-    """What `arq worker.WorkerSettings` runs (arq ignores unknown attributes: see the tests)."""
+def worker_settings(settings: Settings) -> dict[str, Any]:
+    """What arq runs for these settings (arq drops unknown keys silently: see the tests)."""
+    return {
+        "functions": [
+            func(pet_report, name=REPORT_JOB, timeout=REPORT_TIMEOUT_SECONDS, max_tries=1)
+        ],
+        "cron_jobs": [
+            cron(
+                pet_report,
+                name=REPORT_CRON,
+                second=0,
+                microsecond=0,
+                unique=True,
+                timeout=REPORT_TIMEOUT_SECONDS,
+                keep_result=KEEP_RESULT_SECONDS,
+            ),
+            cron(
+                heartbeat,
+                name=HEARTBEAT_CRON,
+                hour=HEARTBEAT_HOURS,
+                minute=0,
+                second=0,
+                microsecond=0,
+                run_at_startup=True,
+                unique=True,
+                timeout=HEARTBEAT_TIMEOUT_SECONDS,
+                keep_result=KEEP_RESULT_SECONDS,
+            ),
+        ],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "redis_settings": redis_settings(settings),
+        "ctx": {"settings": settings},
+        "timezone": UTC,
+        # `arq --check worker.WorkerSettings` fails once the worker has not written this long.
+        "health_check_interval": 10,
+        # On SIGTERM, a running report may finish for this long before it is cancelled.
+        "job_completion_wait": 10,
+    }
 
-    functions: Sequence[Function | WorkerCoroutine] = (
-        func(pet_report, name=REPORT_JOB, timeout=REPORT_TIMEOUT_SECONDS, max_tries=1),
-    )
-    cron_jobs: Sequence[CronJob] | None = (
-        cron(
-            pet_report,
-            name=REPORT_CRON,
-            second=0,
-            microsecond=0,
-            unique=True,
-            timeout=REPORT_TIMEOUT_SECONDS,
-            keep_result=KEEP_RESULT_SECONDS,
-        ),
-        cron(
-            heartbeat,
-            name=HEARTBEAT_CRON,
-            hour=HEARTBEAT_HOURS,
-            minute=0,
-            second=0,
-            microsecond=0,
-            run_at_startup=True,
-            unique=True,
-            timeout=HEARTBEAT_TIMEOUT_SECONDS,
-            keep_result=KEEP_RESULT_SECONDS,
-        ),
-    )
-    on_startup: StartupShutdown | None = startup
-    on_shutdown: StartupShutdown | None = shutdown
-    redis_settings = redis_settings(load_settings())
-    timezone = UTC
-    # `arq --check worker.WorkerSettings` fails once the worker has not written this long.
-    health_check_interval = 10
-    # On SIGTERM, a running report may finish for this long before it is cancelled.
-    job_completion_wait = 10
+
+def __getattr__(name: str) -> dict[str, Any]:
+    """`arq worker.WorkerSettings` (and `arq --check`) look the settings up when the worker
+    starts: that is when the configuration is read, not when this module is imported."""
+    if name == "WorkerSettings":
+        return worker_settings(load_settings())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

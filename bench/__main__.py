@@ -33,6 +33,7 @@ os.environ.setdefault("ENVIRONMENT", "development")
 import crud  # noqa: E402
 from alembic import command  # noqa: E402
 from alembic.config import Config  # noqa: E402
+from models import FactAdMetricsDaily, MetricsPlan, RollupDailyPlatform  # noqa: E402
 
 SERVER = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 END = date(2026, 11, 24)
@@ -162,7 +163,7 @@ def latency_ms(call: Callable[[], object], times: int) -> float:
     return median(samples)
 
 
-def metrics_sql(plan: crud.MetricsPlan) -> str:
+def metrics_sql(plan: MetricsPlan) -> str:
     statement, values = crud.metrics_statement(plan)  # the service's own SQL, verbatim
     statement = statement.params(values)
     return str(
@@ -189,7 +190,7 @@ async def _ids(url: str, table: str, id_column: str, name_column: str, name: str
 SERVER_SETTINGS = {"jit": "off"}
 
 
-def metrics_query(plan: crud.MetricsPlan) -> tuple[str, list[object]]:
+def metrics_query(plan: MetricsPlan) -> tuple[str, list[object]]:
     """The service's statement for `plan` as asyncpg runs it: SQL with $n and its values."""
     statement, values = crud.metrics_statement(plan)
     compiled = statement.compile(dialect=asyncpg_dialect.dialect())  # type: ignore[no-untyped-call]
@@ -284,14 +285,15 @@ def run(args: argparse.Namespace) -> list[Result]:
         print("metrics ...", file=sys.stderr)
         germany = asyncio.run(_ids(url, "dim_region", "region_id", "region_name", "Germany"))
         start = END - timedelta(days=89)
-        narrow = crud.MetricsPlan(
-            int(f"{start:%Y%m%d}"),
-            int(f"{END:%Y%m%d}"),
-            {"region": [germany]},
-            ("platform",),
-            None,
-            100,
-            0,
+        narrow = MetricsPlan(
+            source=FactAdMetricsDaily,
+            start_id=int(f"{start:%Y%m%d}"),
+            end_id=int(f"{END:%Y%m%d}"),
+            filters={"region": [germany]},
+            group_by=("platform",),
+            sort=None,
+            limit=100,
+            offset=0,
         )
         times = 5 if args.quick else 15
         with (
@@ -316,14 +318,21 @@ def run(args: argparse.Namespace) -> list[Result]:
             )
             first = END - timedelta(days=days - 1)
             for group in ("platform", "month"):
-                wide = crud.MetricsPlan(
-                    int(f"{first:%Y%m%d}"), int(f"{END:%Y%m%d}"), {}, (group,), None, 100, 0
+                wide = MetricsPlan(
+                    source=RollupDailyPlatform,
+                    start_id=int(f"{first:%Y%m%d}"),
+                    end_id=int(f"{END:%Y%m%d}"),
+                    filters={},
+                    group_by=(group,),
+                    sort=None,
+                    limit=100,
+                    offset=0,
                 )
                 wide_query = f"/metrics?start_date={first}&end_date={END}&group_by={group}"
                 app_wide = median(
                     [latency_ms(get(client, wide_query), times) for _ in range(rounds)]
                 )
-                scan = metrics_query(dataclasses.replace(wide, use_rollups=False))
+                scan = metrics_query(dataclasses.replace(wide, source=FactAdMetricsDaily))
                 raw_scan = asyncio.run(sql_ms(url, scan, 1))
                 results.append(
                     Result(

@@ -65,7 +65,7 @@ def _follow_name_rule(values: Any) -> None:
 
 @schemathesis.hook
 def map_case(
-    context: schemathesis.HookContext, case: schemathesis.Case[Any]
+    _context: schemathesis.HookContext, case: schemathesis.Case[Any]
 ) -> schemathesis.Case[Any]:
     positive = case.meta is not None and case.meta.generation.mode.is_positive
     if positive and case.operation.path == "/metrics" and isinstance(case.query, dict):

@@ -18,7 +18,6 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from jwt.warnings import InsecureKeyLengthWarning
 from pydantic import ValidationError
-from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 import auth
@@ -27,13 +26,14 @@ import main
 from main import PlaceholderAdminPassword, create_app, provision_admin
 from models import PASSWORD_MIN_LENGTH
 from settings import PLACEHOLDER_ADMIN_PASSWORD, PLACEHOLDER_JWT_SECRET, Settings
-from tests.conftest import (
+from tests.helpers import (
     ADMIN_PASSWORD,
     ADMIN_USERNAME,
     JWT_SECRET,
     client_for,
     make_settings,
     run_cli,
+    sql,
 )
 from turns import Turns
 
@@ -44,7 +44,8 @@ async def login(client: httpx.AsyncClient, username: str, password: str) -> http
 
 async def admin_id(session: AsyncSession) -> int:
     user = await crud.get_user_by_username(session, ADMIN_USERNAME)
-    assert user is not None and user.id is not None
+    assert user is not None
+    assert user.id is not None
     return user.id
 
 
@@ -290,7 +291,7 @@ async def test_a_login_without_a_free_verification_slot_is_503_and_costs_nothing
 async def test_a_login_the_database_fails_costs_no_attempt(
     app: FastAPI, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def unreachable(*args: object) -> None:
+    async def unreachable(*_args: object) -> None:
         raise ConnectionRefusedError("the database is down")
 
     monkeypatch.setattr(crud, "get_user_by_username", unreachable)
@@ -346,15 +347,15 @@ BAD_TOKENS: dict[str, TokenMaker] = {
     "wrong key": lambda uid: forge({"sub": str(uid), "exp": later()}, key="x" * 40),
     "expired": lambda uid: forge({"sub": str(uid), "exp": later(-1)}),
     "no exp": lambda uid: forge({"sub": str(uid)}),
-    "no sub": lambda uid: forge({"exp": later()}),
+    "no sub": lambda _uid: forge({"exp": later()}),
     "alg none": lambda uid: jwt.encode({"sub": str(uid), "exp": later()}, None, algorithm="none"),
     "other algorithm": lambda uid: forge({"sub": str(uid), "exp": later()}, algorithm="HS512"),
-    "unknown user": lambda uid: forge({"sub": "2147483647", "exp": later()}),
-    "non-numeric sub": lambda uid: forge({"sub": "admin", "exp": later()}),
-    "sub beyond id range": lambda uid: forge({"sub": "99999999999999999999", "exp": later()}),
+    "unknown user": lambda _uid: forge({"sub": "2147483647", "exp": later()}),
+    "non-numeric sub": lambda _uid: forge({"sub": "admin", "exp": later()}),
+    "sub beyond id range": lambda _uid: forge({"sub": "99999999999999999999", "exp": later()}),
     "integer sub": lambda uid: forge({"sub": uid, "exp": later()}),
-    "malformed": lambda uid: "not.a.jwt",
-    "empty": lambda uid: "",
+    "malformed": lambda _uid: "not.a.jwt",
+    "empty": lambda _uid: "",
 }
 
 
@@ -521,7 +522,7 @@ async def placeholder_admin(settings: Settings, session: AsyncSession) -> AsyncI
     try:
         yield make_settings(settings.DATABASE_URL, ADMIN_USERNAME=LEGACY_ADMIN)
     finally:
-        await session.exec(text(f"DELETE FROM \"user\" WHERE username = '{LEGACY_ADMIN}'"))  # type: ignore[call-overload]
+        await sql(session, 'DELETE FROM "user" WHERE username = :name', name=LEGACY_ADMIN)
         await session.commit()
 
 
@@ -586,7 +587,7 @@ async def test_a_token_stops_working_when_its_user_is_deleted(
         "/pets", json={"name": "Rex", "pet_type": "dog"}, headers=headers
     )
     assert created_pet.status_code == 201
-    await session.exec(text("DELETE FROM \"user\" WHERE username = 'leaver'"))  # type: ignore[call-overload]
+    await sql(session, "DELETE FROM \"user\" WHERE username = 'leaver'")
     await session.commit()
     response = await client.post("/pets", json={"name": "Max", "pet_type": "dog"}, headers=headers)
     assert response.status_code == 401

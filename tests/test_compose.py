@@ -17,7 +17,7 @@ import yaml
 
 import worker
 from settings import Settings
-from tests.conftest import ROOT, redis_url, scratch_database
+from tests.helpers import ROOT, redis_url, scratch_database
 from tests.servers import WorkerProcess, wait_until
 
 COMPOSE = yaml.safe_load(Path(ROOT, "docker-compose.yml").read_text())
@@ -69,7 +69,8 @@ def test_api_and_worker_start_after_healthy_servers_and_the_migration() -> None:
         }
     assert SERVICES["migrate"]["depends_on"] == {"db": {"condition": "service_healthy"}}
     migration = SERVICES["migrate"]["command"][-1]
-    assert "alembic upgrade head" in migration and "seed-metrics --if-empty" in migration
+    assert "alembic upgrade head" in migration
+    assert "seed-metrics --if-empty" in migration
 
 
 def test_commands_ports_and_shutdown_grace() -> None:
@@ -77,7 +78,7 @@ def test_commands_ports_and_shutdown_grace() -> None:
     assert SERVICES["api"]["ports"] == ["${API_PORT:-8000}:8000"]
     assert SERVICES["worker"]["command"] == ["arq", "worker.WorkerSettings"]
     grace = int(SERVICES["worker"]["stop_grace_period"].removesuffix("s"))
-    assert grace > worker.WorkerSettings.job_completion_wait
+    assert grace > worker.worker_settings(Settings())["job_completion_wait"]
 
 
 def test_configuration_has_working_development_defaults() -> None:
@@ -224,7 +225,8 @@ def test_the_stack_runs_as_compose_states_it(stack_database: str, tmp_path: Path
     assert migrate.returncode == 0, migrate.stderr
     assert "seed-metrics: 109,500 rows" in migrate.stderr + migrate.stdout
     again = run(SERVICES["migrate"]["command"], local_environment("migrate", stack_database))
-    assert again.returncode == 0 and "nothing to do" in again.stdout
+    assert again.returncode == 0
+    assert "nothing to do" in again.stdout
 
     assert port_is_free(8000), "the api command binds port 8000, which is taken here"
     api_log = tmp_path / "api.log"
@@ -248,7 +250,8 @@ def test_the_stack_runs_as_compose_states_it(stack_database: str, tmp_path: Path
         )
         assert token.status_code == 200, token.text
         metrics = httpx.get("http://127.0.0.1:8000/metrics?group_by=platform", timeout=10).json()
-        assert metrics["total_rows"] == 4 and metrics["totals"]["impressions"] > 0
+        assert metrics["total_rows"] == 4
+        assert metrics["totals"]["impressions"] > 0
         api_check = run(SERVICES["api"]["healthcheck"]["test"][1:], {})
         assert api_check.returncode == 0, api_check.stderr
         readme = subprocess.run(
@@ -275,5 +278,6 @@ def test_the_stack_runs_as_compose_states_it(stack_database: str, tmp_path: Path
     unauthorized = [(method, path) for method, path, status in statuses if status == "401"]
     assert unauthorized == [("DELETE", "/pets/2")], "only the README's deliberate 401"
     # uvicorn ends a graceful shutdown by re-raising SIGTERM, as docker stop expects.
-    assert api_exit in (0, -15) and "Finished server process" in api_log.read_text()
+    assert api_exit in (0, -15)
+    assert "Finished server process" in api_log.read_text()
     assert worker_exit == 0

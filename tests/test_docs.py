@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from alembic import command
-from tests.conftest import alembic_config_for, redis_url, scratch_database
+from tests.helpers import alembic_config_for, redis_url, scratch_database
 from tests.servers import ApiServer, serve_api
 
 CHROMIUM_INSTALL = "apt-get install -y chromium"

@@ -1,30 +1,17 @@
 """Every error is a problem response; database faults map to 409, 422 and 503, never a bare 500."""
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
-from sqlalchemy import text
 
 from db import SessionDep
 from main import create_app
 from settings import Settings
-from tests.conftest import client_for, make_settings
+from tests.helpers import PROBLEM, assert_problem, client_for, make_settings, sql
 from tests.servers import unused_port
-
-PROBLEM = "application/problem+json"
-
-
-def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status and body["title"] and body["detail"]
-    assert "Traceback" not in response.text
-    return body
 
 
 async def test_unknown_route_is_a_404_problem(client: httpx.AsyncClient) -> None:
@@ -65,7 +52,8 @@ async def test_ready_names_what_is_down_while_health_stays_up(unreachable_app: F
     async with client_for(unreachable_app) as client:
         assert (await client.get("/health")).status_code == 200
         problem = assert_problem(await client.get("/ready"), 503)
-        assert "database" in problem["detail"] and "redis" in problem["detail"]
+        assert "database" in problem["detail"]
+        assert "redis" in problem["detail"]
 
 
 async def test_ready_names_redis_alone_when_only_redis_is_down(database_url: str) -> None:
@@ -94,7 +82,7 @@ async def faulty_app(settings: Settings) -> AsyncIterator[FastAPI]:
 
     async def run_fault(kind: str, session: SessionDep) -> None:
         for statement in FAULTS[kind].split("; "):
-            await session.exec(text(statement))  # type: ignore[call-overload]
+            await sql(session, statement)
 
     application.add_api_route("/fault/{kind}", run_fault)
     async with LifespanManager(application):
@@ -111,7 +99,8 @@ async def test_database_faults_map_to_problem_statuses(
     async with client_for(faulty_app) as client:
         response = await client.get(f"/fault/{kind}")
     problem = assert_problem(response, status)
-    assert "SELECT" not in problem["detail"] and "INSERT" not in problem["detail"]
+    assert "SELECT" not in problem["detail"]
+    assert "INSERT" not in problem["detail"]
     assert ("retry-after" in response.headers) == (status == 503)
 
 
@@ -150,7 +139,8 @@ async def test_openapi_declares_problem_bodies_and_bearer_auth(client: httpx.Asy
         assert "401" in operation["responses"]
     assert "security" not in schema["paths"]["/pets"]["get"]
     name = schema["components"]["schemas"]["PetCreate"]["properties"]["name"]
-    assert (name["minLength"], name["maxLength"]) == (1, 100) and "pattern" in name
+    assert (name["minLength"], name["maxLength"]) == (1, 100)
+    assert "pattern" in name
     assert schema["components"]["schemas"]["PetCreate"]["additionalProperties"] is False
 
 

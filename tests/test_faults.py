@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from alembic import command
 from main import create_app
-from tests.conftest import alembic_config_for, client_for, make_settings
+from tests.helpers import alembic_config_for, client_for, make_settings
 from tests.servers import PrivatePostgres
 
 

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from alembic import command
-from tests.conftest import ROOT, alembic_config_for, redis_url, scratch_database
+from tests.helpers import ROOT, alembic_config_for, redis_url, scratch_database
 from tests.servers import forget_login_attempts, serve_api
 
 CHECKS = ",".join(

@@ -15,8 +15,7 @@ from fastapi import FastAPI
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from settings import HEARTBEAT_KEY
-from tests.conftest import client_for, make_settings
-from tests.test_pets import assert_problem, create, pet_count
+from tests.helpers import assert_problem, client_for, create, make_settings, pet_count
 from turns import Turns
 
 # --- HEAD ----------------------------------------------------------------------------------
@@ -181,7 +180,8 @@ async def test_the_docs_csp_allows_exactly_what_the_docs_pages_load(
         ]
         for url, directive in loads:
             # Everything from this origin: a relative URL, nothing from a CDN.
-            assert url.startswith("/") and not url.startswith("//"), url
+            assert url.startswith("/"), url
+            assert not url.startswith("//"), url
             assert "'self'" in csp[directive].split(), (path, url)
             assert (await client.get(url)).status_code == 200, url
         # Inline scripts run only by their hash: exactly the pages' own start-up scripts.
@@ -191,7 +191,8 @@ async def test_the_docs_csp_allows_exactly_what_the_docs_pages_load(
         }
         assert hashes <= set(csp["script-src"].split()), path
         assert "'unsafe-inline'" not in csp["script-src"]
-        assert "https:" not in policy and "http:" not in policy
+        assert "https:" not in policy
+        assert "http:" not in policy
         assert "frame-ancestors" in csp
     assert "'sha256-" in policy
 
@@ -208,7 +209,7 @@ async def test_the_docs_assets_are_revalidated_not_stored(client: httpx.AsyncCli
 
 
 async def test_the_token_is_never_stored_by_a_cache(client: httpx.AsyncClient) -> None:
-    from tests.conftest import ADMIN_PASSWORD, ADMIN_USERNAME
+    from tests.helpers import ADMIN_PASSWORD, ADMIN_USERNAME
 
     response = await client.post(
         "/auth/token", data={"username": ADMIN_USERNAME, "password": ADMIN_PASSWORD}
@@ -462,7 +463,7 @@ async def test_a_crash_is_a_bare_500_with_the_security_headers(
 ) -> None:
     import crud
 
-    async def broken(*args: object) -> None:
+    async def broken(*_args: object) -> None:
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(crud, "get_pet", broken)

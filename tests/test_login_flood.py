@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from alembic import command
-from tests.conftest import ADMIN_PASSWORD, alembic_config_for, redis_url, scratch_database
+from tests.helpers import ADMIN_PASSWORD, alembic_config_for, redis_url, scratch_database
 from tests.servers import serve_api
 
 LOGINS = 100

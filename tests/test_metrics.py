@@ -2,17 +2,18 @@
 
 from collections.abc import AsyncIterator
 from datetime import date
-from decimal import ROUND_HALF_UP, Decimal
+from decimal import Decimal
 from typing import Any
 
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 import crud
+import metrics
 from main import utc_today
+from tests.helpers import MEASURES, clear_metrics, expected_metrics, sql
 
 TODAY = date(2026, 11, 10)  # a Tuesday
 DIMENSION_VALUES = {
@@ -32,7 +33,6 @@ FACTS = [
     ("2026-11-10", "South", "25-34", "male", "facebook", "feed", "mobile", 3000, 90, "60.00", 9, 30),  # noqa: E501
     ("2026-11-10", "North", "18-24", "male", "instagram", "feed", "desktop", 0, 0, "0.00", 0, 1),
 ]  # fmt: skip
-MEASURES = ("impressions", "clicks", "cost", "conversions", "likes")
 
 
 def fact(row: tuple[Any, ...]) -> dict[str, Any]:
@@ -40,40 +40,6 @@ def fact(row: tuple[Any, ...]) -> dict[str, Any]:
     values["date"] = date.fromisoformat(values["date"])
     values["cost"] = Decimal(values["cost"])
     return values
-
-
-def rounded(numerator: Decimal, denominator: Decimal) -> Decimal | None:
-    if denominator == 0:
-        return None
-    return (numerator / denominator).quantize(Decimal("0.000001"), ROUND_HALF_UP)
-
-
-def ratio(numerator: Decimal, denominator: Decimal) -> float | None:
-    value = rounded(numerator, denominator)
-    return None if value is None else float(value)
-
-
-def money(numerator: Decimal, denominator: Decimal) -> str | None:
-    """A cost ratio as the API sends it: an exact decimal string with 6 places."""
-    value = rounded(numerator, denominator)
-    return None if value is None else f"{value:f}"
-
-
-def metrics(facts: list[dict[str, Any]]) -> dict[str, Any]:
-    """The expected metrics of some facts, worked out here rather than in SQL."""
-    s = {m: sum((f[m] for f in facts), Decimal(0)) for m in MEASURES}
-    return {
-        "impressions": int(s["impressions"]),
-        "clicks": int(s["clicks"]),
-        "cost": f"{s['cost'].quantize(Decimal('0.01')):f}",
-        "conversions": int(s["conversions"]),
-        "likes": int(s["likes"]),
-        "ctr": ratio(s["clicks"], s["impressions"]),
-        "cpc": money(s["cost"], s["clicks"]),
-        "cpm": money(s["cost"] * 1000, s["impressions"]),
-        "cpa": money(s["cost"], s["conversions"]),
-        "cvr": ratio(s["conversions"], s["clicks"]),
-    }
 
 
 def bucket(day: date, group: str) -> str:
@@ -95,7 +61,10 @@ def expected_rows(group_by: list[str], facts: list[dict[str, Any]]) -> list[dict
     ordered = sorted(
         groups, key=lambda key: [key[group_by.index(g)] for g in sorted_groups(group_by)]
     )
-    return [{**dict(zip(group_by, key, strict=True)), **metrics(groups[key])} for key in ordered]
+    return [
+        {**dict(zip(group_by, key, strict=True)), **expected_metrics(groups[key])}
+        for key in ordered
+    ]
 
 
 def sorted_groups(group_by: list[str]) -> list[str]:
@@ -112,14 +81,13 @@ async def star(app: FastAPI, session: AsyncSession) -> AsyncIterator[None]:
     await clear_metrics(session)
     for table, (column, names) in DIMENSION_VALUES.items():
         for name in names:
-            await session.exec(
-                text(f"INSERT INTO {table} ({column}) VALUES (:name)").bindparams(name=name)
-            )  # type: ignore[call-overload]
+            await sql(session, f"INSERT INTO {table} ({column}) VALUES (:name)", name=name)
     days = sorted({f["date"] for f in ALL})
     await crud.ensure_dates(session, days)
     for f in ALL:
-        await session.exec(  # type: ignore[call-overload]
-            text(
+        await sql(
+            session,
+            (
                 "INSERT INTO fact_ad_metrics_daily SELECT"
                 " to_char(CAST(:date AS date), 'YYYYMMDD')::int,"
                 " (SELECT region_id FROM dim_region WHERE region_name = :region),"
@@ -130,21 +98,15 @@ async def star(app: FastAPI, session: AsyncSession) -> AsyncIterator[None]:
                 " (SELECT device_type_id FROM dim_device_type"
                 "  WHERE device_type_name = :device_type),"
                 " :impressions, :clicks, :cost, :conversions, :likes"
-            ).bindparams(**f)
+            ),
+            **f,
         )
     await crud.refresh_rollups(session, 20261030, 20261110)  # as the loaders do
     await session.commit()
-    app.state.dimension_names = crud.NameCache()
+    app.state.dimension_names = metrics.NameCache()
     app.dependency_overrides[utc_today] = lambda: TODAY
     yield
     app.dependency_overrides.pop(utc_today)
-
-
-async def clear_metrics(session: AsyncSession) -> None:
-    rollups = ["rollup_daily_platform", "rollup_daily_region_device"]
-    tables = ", ".join(["fact_ad_metrics_daily", *rollups, "dim_date", *DIMENSION_VALUES])
-    await session.exec(text(f"TRUNCATE {tables} RESTART IDENTITY"))  # type: ignore[call-overload]
-    await session.commit()
 
 
 async def get_metrics(client: httpx.AsyncClient, **params: Any) -> dict[str, Any]:
@@ -164,7 +126,7 @@ async def test_without_groups_one_row_of_totals_over_the_last_30_days(
     client: httpx.AsyncClient,
 ) -> None:
     body = await get_metrics(client)
-    totals = metrics(ALL)
+    totals = expected_metrics(ALL)
     assert totals == {
         "impressions": 6500, "clicks": 180, "cost": "120.75", "conversions": 14, "likes": 61,
         "ctr": 0.027692, "cpc": "0.670833", "cpm": "18.576923", "cpa": "8.625000", "cvr": 0.077778,
@@ -188,7 +150,7 @@ async def test_each_group_by_sums_its_groups(
 ) -> None:
     body = await get_metrics(client, group_by=group_by)
     assert body["rows"] == expected_rows(group_by, ALL)
-    assert body["totals"] == metrics(ALL)
+    assert body["totals"] == expected_metrics(ALL)
     assert body["total_rows"] == len(body["rows"])
 
 
@@ -207,7 +169,7 @@ async def test_filters_match_names_case_insensitively_and_repeat(client: httpx.A
     )
     north = [f for f in ALL if f["region"] == "North"]
     assert body["rows"] == expected_rows(["placement"], north)
-    assert body["totals"] == metrics(north)
+    assert body["totals"] == expected_metrics(north)
 
 
 @pytest.mark.parametrize(
@@ -227,7 +189,7 @@ async def test_presets_and_inclusive_ranges_pick_their_days(
 ) -> None:
     body = await get_metrics(client, group_by="date", **params)
     assert [row["date"] for row in body["rows"]] == dates
-    assert body["totals"] == metrics([f for f in ALL if f["date"].isoformat() in dates])
+    assert body["totals"] == expected_metrics([f for f in ALL if f["date"].isoformat() in dates])
 
 
 async def test_an_empty_match_is_200_with_no_rows_and_zero_totals(
@@ -237,8 +199,9 @@ async def test_an_empty_match_is_200_with_no_rows_and_zero_totals(
         body = await get_metrics(
             client, start_date="2025-01-01", end_date="2025-01-31", group_by=group_by
         )
-        assert body["rows"] == [] and body["total_rows"] == 0
-        assert body["totals"] == metrics([])
+        assert body["rows"] == []
+        assert body["total_rows"] == 0
+        assert body["totals"] == expected_metrics([])
 
 
 async def test_sort_by_metric_descending_and_by_group(client: httpx.AsyncClient) -> None:
@@ -254,7 +217,8 @@ async def test_sort_by_metric_descending_and_by_group(client: httpx.AsyncClient)
 async def test_null_ratios_sort_last_both_ways(client: httpx.AsyncClient, sort: str) -> None:
     body = await get_metrics(client, group_by=["date", "platform"], sort=sort)
     ctrs = [row["ctr"] for row in body["rows"]]
-    assert ctrs[-1] is None and None not in ctrs[:-1]
+    assert ctrs[-1] is None
+    assert None not in ctrs[:-1]
     assert ctrs[:-1] == sorted(ctrs[:-1], reverse=sort.startswith("-"))
 
 
@@ -263,9 +227,10 @@ async def test_paging_keeps_totals_and_count_of_the_whole_set(client: httpx.Asyn
     body = await get_metrics(client, group_by="date", limit=2, offset=1)
     assert body["rows"] == everything[1:3]
     assert (body["total_rows"], body["limit"], body["offset"]) == (4, 2, 1)
-    assert body["totals"] == metrics(ALL)
+    assert body["totals"] == expected_metrics(ALL)
     past_the_end = await get_metrics(client, group_by="date", offset=10)
-    assert past_the_end["rows"] == [] and past_the_end["total_rows"] == 4
+    assert past_the_end["rows"] == []
+    assert past_the_end["total_rows"] == 4
 
 
 async def test_csv_by_format_parameter_or_accept_header(client: httpx.AsyncClient) -> None:
@@ -364,7 +329,8 @@ async def test_the_readme_example_names_the_unknown_region_and_the_sort_in_one_4
     assert [e["loc"] for e in problem["errors"]] == [["query", "region"], ["query", "sort"]]
     assert "Atlantis" in problem["errors"][0]["msg"]
     assert "not in the result" in problem["errors"][1]["msg"]
-    assert "query.region: " in problem["detail"] and "query.sort: " in problem["detail"]
+    assert "query.region: " in problem["detail"]
+    assert "query.sort: " in problem["detail"]
 
 
 async def test_every_problem_of_a_question_is_listed_at_once(client: httpx.AsyncClient) -> None:
@@ -405,10 +371,11 @@ async def test_a_dimension_value_added_later_is_found(
     client: httpx.AsyncClient, session: AsyncSession
 ) -> None:
     assert (await client.get("/metrics", params={"region": "East"})).status_code == 422
-    await session.exec(text("INSERT INTO dim_region (region_name) VALUES ('East')"))  # type: ignore[call-overload]
+    await sql(session, "INSERT INTO dim_region (region_name) VALUES ('East')")
     await session.commit()
     body = await get_metrics(client, region="east")
-    assert body["rows"] == [] and body["totals"] == metrics([])
+    assert body["rows"] == []
+    assert body["totals"] == expected_metrics([])
 
 
 # --- dimensions -------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy.engine import make_url
 
 from alembic import command
-from tests.conftest import ROOT, alembic_config_for, redis_url, scratch_database
+from tests.helpers import ROOT, alembic_config_for, redis_url, scratch_database
 from tests.servers import forget_login_attempts, serve_api
 
 # Every group_by over half a year of 2,000 facts a day: a few seconds each on this machine.

@@ -19,7 +19,7 @@ from sqlmodel import SQLModel
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from tests.conftest import ROOT, alembic_config_for, scratch_database
+from tests.helpers import ROOT, alembic_config_for, scratch_database
 
 
 def _differences(connection: Connection) -> list[Any]:

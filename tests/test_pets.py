@@ -5,34 +5,11 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import text
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-PROBLEM = "application/problem+json"
-
+from tests.helpers import assert_problem, create, pet_count
 
 pytestmark = pytest.mark.usefixtures("empty_pet_table")
-
-
-async def create(client: httpx.AsyncClient, headers: dict[str, str], **body: Any) -> Any:
-    response = await client.post("/pets", json=body, headers=headers)
-    assert response.status_code == 201, response.text
-    return response.json()
-
-
-async def pet_count(session: AsyncSession) -> int:
-    result = await session.exec(text("SELECT count(*) FROM pet"))  # type: ignore[call-overload]
-    count: int = result.scalar_one()
-    return count
-
-
-def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM
-    body: dict[str, Any] = response.json()
-    assert body["status"] == status
-    assert body["title"] and body["type"] and body["detail"]
-    return body
 
 
 # --- create ----------------------------------------------------------------------------------
@@ -192,7 +169,8 @@ async def test_list_pages_with_total(
     assert (page["limit"], page["offset"]) == (2, 1)
     assert [pet["id"] for pet in page["items"]] == ids[1:3]
     past_end = (await client.get("/pets", params={"offset": 10})).json()
-    assert past_end["items"] == [] and past_end["total"] == 5
+    assert past_end["items"] == []
+    assert past_end["total"] == 5
 
 
 async def test_list_defaults_to_twenty_by_id(

@@ -17,7 +17,7 @@ from uvicorn.server import ServerState
 from alembic import command
 from server import BoundedHttpToolsProtocol
 from settings import Settings
-from tests.conftest import (
+from tests.helpers import (
     ADMIN_PASSWORD,
     ADMIN_USERNAME,
     alembic_config_for,
@@ -109,7 +109,8 @@ def problem_of(response: bytes) -> dict[str, object]:
     assert b"content-type: application/problem+json" in head.lower()
     assert b"connection: close" in head.lower()
     problem: dict[str, object] = json.loads(body)
-    assert problem["status"] == status_of(response) and problem["type"] == "about:blank"
+    assert problem["status"] == status_of(response)
+    assert problem["type"] == "about:blank"
     return problem
 
 
@@ -231,7 +232,8 @@ async def test_200_slow_clients_are_all_cut_off_while_pet_reads_stay_fast(
         f"{len(latencies)} pet reads meanwhile, slowest {max(latencies) * 1000:.0f} ms"
     )
     assert max(held) < max(HEADER_TIMEOUT, BODY_TIMEOUT) + SLACK
-    assert len(latencies) >= 5 and max(latencies) < 1.0
+    assert len(latencies) >= 5
+    assert max(latencies) < 1.0
 
 
 # --- oversized requests --------------------------------------------------------------------------
@@ -345,7 +347,8 @@ async def test_pipelined_requests_are_answered_in_order(server: Served, pet_id: 
     reader, writer = await connect(server)
     writer.write(request("GET", f"/pets/{pet_id}") + request("GET", "/health"))
     status, body = await read_response(reader)
-    assert status == 200 and json.loads(body)["id"] == pet_id
+    assert status == 200
+    assert json.loads(body)["id"] == pet_id
     assert await read_response(reader) == (200, b'{"status":"ok"}')
     writer.close()
 
@@ -469,7 +472,7 @@ class RecordingTransport(asyncio.Transport):
         pass
 
 
-async def read_body(scope: Scope, receive: Receive, send: Send) -> None:
+async def read_body(_scope: Scope, receive: Receive, _send: Send) -> None:
     while (await receive())["type"] == "http.request":
         pass  # the client goes away before the body is complete
 
@@ -489,21 +492,25 @@ async def test_a_lost_connection_leaves_no_deadline_behind() -> None:
     waiting.data_received(b"GET / HTTP/1.1\r\nHost: test\r\n")
     assert waiting.header_deadline is first, "a deadline is never extended"
     waiting.connection_lost(None)
-    assert first.cancelled() and waiting.header_deadline is None
+    assert first.cancelled()
+    assert waiting.header_deadline is None
 
     uploading, state = connection()
     uploading.data_received(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 5\r\n\r\nab")
     body = uploading.body_deadline
-    assert body is not None and uploading.header_deadline is None
+    assert body is not None
+    assert uploading.header_deadline is None
     uploading.connection_lost(None)
-    assert body.cancelled() and uploading.body_deadline is None
+    assert body.cancelled()
+    assert uploading.body_deadline is None
     await asyncio.gather(*state.tasks)
 
 
 async def test_a_request_that_arrives_whole_sets_no_deadline() -> None:
     protocol, state = connection()
     protocol.data_received(b"POST / HTTP/1.1\r\nHost: test\r\nContent-Length: 2\r\n\r\n{}")
-    assert protocol.header_deadline is None and protocol.body_deadline is None
+    assert protocol.header_deadline is None
+    assert protocol.body_deadline is None
     protocol.connection_lost(None)
     await asyncio.gather(*state.tasks)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from settings import Settings
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 BIN = Path(sys.executable).parent
 # The entry points as the README runs them, each reading its settings before anything else.

@@ -1,0 +1,357 @@
+"""The ad-metrics use cases: answering a question (its range and rules, filter names to ids, the
+table that answers it, the page, CSV rows) and loading facts (the one pipeline of seed-metrics
+and load-metrics)."""
+
+import csv
+import io
+import time
+from collections.abc import (
+    AsyncIterable,
+    Awaitable,
+    Callable,
+    Collection,
+    Iterable,
+    Iterator,
+    Mapping,
+)
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+
+from sqlmodel import SQLModel
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+import crud
+from errors import ErrorItem, InvalidParameters
+from metrics_data import (
+    DEMO_VALUES,
+    FACT_COLUMNS,
+    MAX_LISTED_ERRORS,
+    CsvCheck,
+    demo_combinations,
+    demo_day,
+    staging_line,
+)
+from models import (
+    DIMENSIONS,
+    METRICS,
+    ROLLUPS,
+    Dimension,
+    FactAdMetricsDaily,
+    MetricsCsvRow,
+    MetricsPage,
+    MetricsPlan,
+    MetricsQuery,
+    date_id_of,
+)
+
+# An unknown filter value's error lists the known ones when there are at most this many.
+MAX_LISTED_VALUES = 30
+# From this many rows on, a load checks foreign keys once for the whole load rather than per row
+# (see crud.foreign_keys_checked_once); below it, re-checking a large table costs more.
+BULK_ROWS = 100_000
+
+# --- the range and the rules between parameters ------------------------------------------------
+
+
+def date_range(query: MetricsQuery, today: date) -> tuple[date, date]:
+    """The inclusive range asked for: the dates, else the preset (default last_30d)."""
+    if query.start_date is not None and query.end_date is not None:
+        return query.start_date, query.end_date
+    preset = query.preset or "last_30d"
+    if preset == "this_month":
+        return today.replace(day=1), today
+    if preset == "last_month":
+        last_day = today.replace(day=1) - timedelta(days=1)
+        return last_day.replace(day=1), last_day
+    days = {"last_7d": 7, "last_30d": 30, "last_90d": 90}[preset]
+    return today - timedelta(days=days - 1), today
+
+
+def rule_problems(query: MetricsQuery, today: date, max_span_days: int) -> list[ErrorItem]:
+    """Each rule between the parameters that the question breaks, as (loc, message)."""
+    problems: list[ErrorItem] = []
+    start, end = query.start_date, query.end_date
+    if (start is None) != (end is None):
+        missing = "end_date" if end is None else "start_date"
+        problems.append(
+            (["query", missing], "start_date and end_date go together (or use a preset)")
+        )
+    elif start is not None and end is not None and start > end:
+        problems.append((["query", "end_date"], f"start_date {start} is after end_date {end}"))
+    if query.preset is not None and (start is not None or end is not None):
+        problems.append(
+            (["query", "preset"], "give either preset or start_date/end_date, not both")
+        )
+    if not problems:
+        first, last = date_range(query, today)
+        if (last - first).days + 1 > max_span_days:
+            problems.append(
+                (["query", "end_date"], f"the range spans more than {max_span_days} days")
+            )
+    repeated = sorted({group for group in query.group_by if query.group_by.count(group) > 1})
+    if repeated:
+        problems.append(
+            (["query", "group_by"], f"repeated group_by value(s): {', '.join(repeated)}")
+        )
+    allowed = [*dict.fromkeys(query.group_by), *METRICS]
+    if query.sort is not None and query.sort.removeprefix("-") not in allowed:
+        problems.append(
+            (
+                ["query", "sort"],
+                f"cannot sort on {query.sort.removeprefix('-')!r}: it is not in the result; "
+                f"allowed: {', '.join(allowed)}",
+            )
+        )
+    return problems
+
+
+# Problems of a question are listed in the order of its parameters.
+PARAMETER_ORDER = {name: index for index, name in enumerate(MetricsQuery.model_fields)}
+
+
+def in_parameter_order(items: list[ErrorItem]) -> list[ErrorItem]:
+    def position(item: ErrorItem) -> int:
+        loc = item[0]  # ["query", parameter]
+        return PARAMETER_ORDER.get(str(loc[1]), 0) if len(loc) > 1 else 0
+
+    return sorted(items, key=position)
+
+
+# --- filter names to ids -----------------------------------------------------------------------
+
+
+@dataclass
+class DimensionNames:
+    """One dimension's names as the cache holds them."""
+
+    loaded_at: float
+    names: list[str]
+    ids_by_key: dict[str, list[int]]
+
+
+@dataclass
+class NameCache:
+    """Dimension names to ids, matched case-insensitively. A dimension is reloaded when a name is
+    not found (new values appear without a restart) or when its entry is older than `max_age`."""
+
+    max_age: float = 300.0
+    entries: dict[str, DimensionNames] = field(default_factory=dict)
+
+
+async def _load_names(db: crud.Executor, cache: NameCache, dimension: Dimension) -> DimensionNames:
+    rows = await crud.dimension_values(db, dimension)
+    ids_by_key: dict[str, list[int]] = {}
+    for row_id, name in rows:
+        ids_by_key.setdefault(name.casefold(), []).append(row_id)
+    entry = DimensionNames(time.monotonic(), [name for _, name in rows], ids_by_key)
+    cache.entries[dimension.name] = entry
+    return entry
+
+
+async def resolve_names(
+    db: crud.Executor, cache: NameCache, dimension: Dimension, names: Iterable[str]
+) -> tuple[list[int], list[str], list[str]]:
+    """The ids of `names`, the names that do not exist, and every known name."""
+    wanted = list(names)
+    entry = cache.entries.get(dimension.name)
+    stale = entry is None or time.monotonic() - entry.loaded_at > cache.max_age
+    if entry is None or stale or any(n.casefold() not in entry.ids_by_key for n in wanted):
+        entry = await _load_names(db, cache, dimension)
+    ids = [i for name in wanted for i in entry.ids_by_key.get(name.casefold(), [])]
+    unknown = [name for name in wanted if name.casefold() not in entry.ids_by_key]
+    return sorted(set(ids)), unknown, entry.names
+
+
+def name_filters(query: MetricsQuery) -> dict[str, list[str]]:
+    """The name filters that were given, by dimension."""
+    return {name: getattr(query, name) for name in DIMENSIONS if getattr(query, name)}
+
+
+async def filter_ids(
+    db: crud.Executor, cache: NameCache, query: MetricsQuery
+) -> tuple[dict[str, list[int]], list[ErrorItem]]:
+    """Ids of the filter names, and a problem naming each dimension's unknown ones (with the
+    known ones, when few)."""
+    ids: dict[str, list[int]] = {}
+    problems: list[ErrorItem] = []
+    for name, values in name_filters(query).items():
+        found, unknown, known = await resolve_names(db, cache, DIMENSIONS[name], values)
+        if unknown:
+            allowed = (
+                f"allowed: {', '.join(known)}"
+                if len(known) <= MAX_LISTED_VALUES
+                else f"see GET /dimensions/{name}"
+            )
+            listed = ", ".join(repr(value) for value in unknown)
+            problems.append((["query", name], f"unknown {name} {listed}; {allowed}"))
+        ids[name] = found
+    return ids, problems
+
+
+# --- the answer --------------------------------------------------------------------------------
+
+
+def choose_source(filters: Collection[str], group_by: Collection[str]) -> type[SQLModel]:
+    """The smallest table that holds every dimension the question filters or groups by."""
+    needed = set(filters) | {group for group in group_by if group in DIMENSIONS}
+    for rollup in ROLLUPS:
+        if needed <= rollup.dimensions:
+            return rollup.table
+    return FactAdMetricsDaily
+
+
+async def answer(
+    db: crud.Executor, cache: NameCache, query: MetricsQuery, today: date, max_span_days: int
+) -> MetricsPage:
+    """The page of groups, the totals and the number of groups a question asks for; one 422
+    (InvalidParameters) listing every problem when it breaks rules or names unknown values."""
+    problems = rule_problems(query, today, max_span_days)
+    filters, unknown = await filter_ids(db, cache, query)
+    if problems or unknown:
+        raise InvalidParameters(in_parameter_order([*problems, *unknown]))
+    start, end = date_range(query, today)
+    plan = MetricsPlan(
+        source=choose_source(filters, query.group_by),
+        start_id=date_id_of(start),
+        end_id=date_id_of(end),
+        filters=filters,
+        group_by=tuple(query.group_by),
+        sort=query.sort,
+        limit=query.limit,
+        offset=query.offset,
+    )
+    return await crud.query_metrics(db, plan)
+
+
+# --- CSV ---------------------------------------------------------------------------------------
+
+# A cell a spreadsheet would run as a formula (OWASP's CSV injection rule).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value: object) -> object:
+    """The value as a CSV cell: empty for null; text that a spreadsheet would take for a
+    formula (a dimension named `=HYPERLINK(...)`) gets a leading `'`, so it stays text."""
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
+        return f"'{value}"
+    return value
+
+
+def csv_lines(page: MetricsPage, group_by: Iterable[str]) -> Iterator[str]:
+    """The page as CSV: a header of the groups and metrics, then a line per row."""
+    columns = [*group_by, *METRICS]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in page.rows:
+        writer.writerow([csv_cell(getattr(row, column)) for column in columns])
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
+
+
+# --- loading facts -----------------------------------------------------------------------------
+
+# Told how many more rows have been written, for a progress display.
+Progress = Callable[[int], None]
+
+
+async def write_facts(
+    session: AsyncSession, days: Collection[date], write: Callable[[], Awaitable[int]], bulk: bool
+) -> int:
+    """The one way facts are written: the days in `dim_date`, the facts `write` writes (for a bulk
+    load with the foreign keys checked once), the rollups of those days summed again and fresh
+    planner statistics, committed together. Returns what `write` returns (facts written)."""
+    await crud.ensure_dates(session, days)
+    if bulk:
+        async with crud.foreign_keys_checked_once(session):
+            written = await write()
+    else:
+        written = await write()
+    if days:
+        await crud.refresh_rollups(session, date_id_of(min(days)), date_id_of(max(days)))
+    await crud.after_bulk_load(session)
+    await session.commit()
+    return written
+
+
+async def dimension_ids(
+    session: AsyncSession, names: Mapping[str, Iterable[str]]
+) -> dict[str, dict[str, int]]:
+    """Per dimension, casefolded name -> id, adding the names the dimension lacks."""
+    return {
+        dimension: await crud.ensure_dimension_values(session, DIMENSIONS[dimension], values)
+        for dimension, values in names.items()
+    }
+
+
+async def seed_facts(
+    session: AsyncSession, days: int, rows_per_day: int, seed: int, end: date, progress: Progress
+) -> int:
+    """The demo dimensions and `days` days of demo facts ending `end`, replacing those days'
+    facts; returns how many facts were written."""
+    by_name = await dimension_ids(session, DEMO_VALUES)
+    ids = {
+        name: [by_name[name][value.casefold()] for value in values]
+        for name, values in DEMO_VALUES.items()
+    }
+    combinations = demo_combinations(ids)
+    first = end - timedelta(days=days - 1)
+    all_days = [first + timedelta(days=offset) for offset in range(days)]
+    await crud.delete_facts(session, date_id_of(first), date_id_of(end))
+
+    async def lines() -> AsyncIterable[bytes]:
+        for day in all_days:
+            yield demo_day(day, rows_per_day, seed, combinations).encode()
+            progress(rows_per_day)
+
+    async def copy() -> int:
+        await crud.copy_rows(session, "fact_ad_metrics_daily", FACT_COLUMNS, lines())
+        return days * rows_per_day
+
+    return await write_facts(session, all_days, copy, bulk=True)
+
+
+@dataclass
+class Loaded:
+    """What a load-metrics run did: facts written, or the keys the file gives more than once (the
+    line numbers of the first MAX_LISTED_ERRORS, and how many there are), and then nothing."""
+
+    written: int = 0
+    repeated: list[list[int]] = field(default_factory=list)
+    repeated_count: int = 0
+
+
+async def load_facts(
+    session: AsyncSession,
+    check: CsvCheck,
+    rows: Callable[[], Iterable[tuple[int, MetricsCsvRow]]],
+    progress: Progress,
+) -> Loaded:
+    """Upsert the checked rows of a file (`rows` reads them again), adding the dimension values
+    they name (each as first spelled in the file). Nothing is written when the file has errors
+    (`check.errors`) or gives a key twice; the staging runs on a malformed file too, so that one
+    run reports both."""
+    ids = await dimension_ids(
+        session, {dimension: names.values() for dimension, names in check.names.items()}
+    )
+
+    async def lines() -> AsyncIterable[bytes]:
+        for number, row in rows():
+            yield staging_line(number, row, ids).encode()
+            progress(1)
+
+    repeated, repeated_count = await crud.stage_facts(session, lines(), MAX_LISTED_ERRORS)
+    if check.errors or repeated:
+        await session.rollback()
+        return Loaded(repeated=repeated, repeated_count=repeated_count)
+    written = await write_facts(
+        session,
+        check.dates,
+        lambda: crud.upsert_staged_facts(session),
+        bulk=check.rows >= BULK_ROWS,
+    )
+    return Loaded(written=written)

@@ -1,0 +1,200 @@
+"""Helpers the tests share: the servers the suite runs against, scratch databases, settings,
+clients, the CLI, SQL on a session, and the expected answers the tests compare with."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from decimal import ROUND_HALF_UP, Decimal
+from typing import Any
+
+import asyncpg
+import httpx
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from sqlalchemy import Result, TextClause, text
+from sqlalchemy.engine import make_url
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+from alembic.config import Config
+from settings import Settings
+
+# The servers the suite runs against; each run makes (and drops) its own database there, and
+# takes an empty Redis database (by number) for itself.
+POSTGRES_URL = os.environ.get("TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_SERVER_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+ADMIN_USERNAME = "admin"
+ADMIN_PASSWORD = "admin-password-for-tests"
+JWT_SECRET = "test-secret-that-is-long-enough-for-hs256"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBLEM = "application/problem+json"
+
+
+def redis_url() -> str:
+    """The Redis database this run has claimed (tests/conftest.py)."""
+    return os.environ["REDIS_URL"]
+
+
+async def flush_redis(url: str) -> None:
+    client = Redis.from_url(url)
+    try:
+        await client.flushdb()
+    finally:
+        await client.aclose()
+
+
+def alembic_config_for(database_url: str) -> Config:
+    config = Config(os.path.join(ROOT, "alembic.ini"))
+    config.attributes["database_url"] = database_url
+    config.attributes["configure_logging"] = False
+    return config
+
+
+async def admin_execute(sql: str) -> None:
+    connection = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+def database_url_for(name: str) -> str:
+    url = make_url(POSTGRES_URL).set(drivername="postgresql+asyncpg", database=name)
+    return url.render_as_string(hide_password=False)
+
+
+@contextmanager
+def scratch_database(prefix: str) -> Iterator[str]:
+    """A new, empty database with a random name (its URL), dropped afterwards."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    asyncio.run(admin_execute(f'CREATE DATABASE "{name}"'))
+    try:
+        yield database_url_for(name)
+    finally:
+        asyncio.run(admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def make_settings(database_url: str, **overrides: object) -> Settings:
+    values: dict[str, object] = {
+        "ENVIRONMENT": "test",
+        "DATABASE_URL": database_url,
+        "REDIS_URL": redis_url(),
+        "JWT_SECRET": JWT_SECRET,
+        "ADMIN_USERNAME": ADMIN_USERNAME,
+        "ADMIN_PASSWORD": ADMIN_PASSWORD,
+    }
+    values.update(overrides)
+    return Settings.model_validate(values)
+
+
+def client_for(application: FastAPI, **options: object) -> httpx.AsyncClient:
+    transport = httpx.ASGITransport(app=application, **options)  # type: ignore[arg-type]
+    return httpx.AsyncClient(transport=transport, base_url="http://test")
+
+
+def run_cli(settings: Settings, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """`python cli.py ...` against the test database and Redis."""
+    env = {**os.environ, "DATABASE_URL": settings.DATABASE_URL, "REDIS_URL": settings.REDIS_URL}
+    return subprocess.run(
+        [sys.executable, "cli.py", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+
+
+async def sql(session: AsyncSession, statement: str | TextClause, **values: Any) -> Result[Any]:
+    """Run SQL written for a test on the session (SQLModel's `exec` is typed for models only)."""
+    clause = text(statement) if isinstance(statement, str) else statement
+    if values:
+        clause = clause.bindparams(**values)
+    result: Result[Any] = await session.exec(clause)  # type: ignore[call-overload]
+    return result
+
+
+# --- pets -------------------------------------------------------------------------------------
+
+
+async def create(client: httpx.AsyncClient, headers: dict[str, str], **body: Any) -> Any:
+    response = await client.post("/pets", json=body, headers=headers)
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+async def pet_count(session: AsyncSession) -> int:
+    count: int = (await sql(session, "SELECT count(*) FROM pet")).scalar_one()
+    return count
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM
+    body: dict[str, Any] = response.json()
+    assert body["status"] == status
+    assert body["title"]
+    assert body["type"]
+    assert body["detail"]
+    return body
+
+
+# --- ad metrics -------------------------------------------------------------------------------
+
+MEASURES = ("impressions", "clicks", "cost", "conversions", "likes")
+DIMENSION_TABLES = (
+    "dim_region",
+    "dim_age_group",
+    "dim_gender",
+    "dim_platform",
+    "dim_placement",
+    "dim_device_type",
+)
+ROLLUP_TABLES = ("rollup_daily_platform", "rollup_daily_region_device")
+
+
+def rounded(numerator: Decimal, denominator: Decimal) -> Decimal | None:
+    if denominator == 0:
+        return None
+    return (numerator / denominator).quantize(Decimal("0.000001"), ROUND_HALF_UP)
+
+
+def ratio(numerator: Decimal, denominator: Decimal) -> float | None:
+    value = rounded(numerator, denominator)
+    return None if value is None else float(value)
+
+
+def money(numerator: Decimal, denominator: Decimal) -> str | None:
+    """A cost ratio as the API sends it: an exact decimal string with 6 places."""
+    value = rounded(numerator, denominator)
+    return None if value is None else f"{value:f}"
+
+
+def expected_metrics(facts: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics of some facts (dicts with the five measures), worked out here rather than in
+    SQL, as the API sends them."""
+    s = {m: sum((Decimal(f[m]) for f in facts), Decimal(0)) for m in MEASURES}
+    return {
+        "impressions": int(s["impressions"]),
+        "clicks": int(s["clicks"]),
+        "cost": f"{s['cost'].quantize(Decimal('0.01')):f}",
+        "conversions": int(s["conversions"]),
+        "likes": int(s["likes"]),
+        "ctr": ratio(s["clicks"], s["impressions"]),
+        "cpc": money(s["cost"], s["clicks"]),
+        "cpm": money(s["cost"] * 1000, s["impressions"]),
+        "cpa": money(s["cost"], s["conversions"]),
+        "cvr": ratio(s["conversions"], s["clicks"]),
+    }
+
+
+async def clear_metrics(session: AsyncSession) -> None:
+    """Empty the star schema and its rollups."""
+    tables = ", ".join(["fact_ad_metrics_daily", *ROLLUP_TABLES, "dim_date", *DIMENSION_TABLES])
+    await sql(session, f"TRUNCATE {tables} RESTART IDENTITY")
+    await session.commit()
