@@ -1,7 +1,9 @@
 """`python -m bench [--quick]`: the service against raw baselines, interleaved, medians of three.
 
 Sets up a scratch database (seed-metrics, 100k pets), runs uvicorn on core 0 and wrk on core 1,
-and prints each scenario's figures and its ratio to the baseline measured in the same run."""
+and prints each scenario's figures and its ratio to the baseline measured in the same run. Last,
+the workload (bench/workload.py): GET /metrics questions shaped like real use, each timed and
+checked against DuckDB; `--workload-only` runs just that, `--database URL` on a seeded database."""
 
 import argparse
 import asyncio
@@ -481,7 +483,7 @@ def main() -> None:
         "--database",
         metavar="URL",
         help="an existing, seeded database (postgresql://...) instead of a scratch one: no"
-        " setup, nothing written by the benchmark; seed-metrics, pets and the pet report skipped",
+        " setup; seed-metrics, the pet routes and the pet report are skipped",
     )
     parser.add_argument(
         "--questions", type=int, default=400, help="questions in the workload (400)"
