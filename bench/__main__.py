@@ -471,7 +471,7 @@ def run(args: argparse.Namespace) -> tuple[list[Result], workload.WorkloadSummar
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument(
-        "--quick", action="store_true", help="730k facts, short runs (about two minutes)"
+        "--quick", action="store_true", help="730k facts, short runs (about 2.5 minutes)"
     )
     parser.add_argument("--facts", type=int, default=10_000_000, help="facts for the full run")
     parser.add_argument("--pets", type=int, default=100_000)
