@@ -3,7 +3,7 @@
 from collections.abc import AsyncIterator
 from datetime import date
 from decimal import Decimal
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import pytest
@@ -13,6 +13,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 import crud
 import metrics
 from main import utc_today
+from models import DIMENSIONS, METRICS, TIME_GROUPS, GroupBy, MetricsSort
 from tests.helpers import MEASURES, clear_metrics, expected_metrics, sql
 
 TODAY = date(2026, 11, 10)  # a Tuesday
@@ -376,6 +377,15 @@ async def test_a_dimension_value_added_later_is_found(
     body = await get_metrics(client, region="east")
     assert body["rows"] == []
     assert body["totals"] == expected_metrics([])
+
+
+def test_group_by_and_sort_values_are_the_dimensions_and_metrics() -> None:
+    """The Literal types that validate and document them list exactly these, no more."""
+    groups = (*TIME_GROUPS, *DIMENSIONS)
+    assert get_args(GroupBy) == groups
+    assert set(get_args(MetricsSort)) == {
+        f"{sign}{name}" for sign in ("", "-") for name in (*groups, *METRICS)
+    }
 
 
 # --- dimensions -------------------------------------------------------------------------------

@@ -1,0 +1,63 @@
+"""The project's modules import one way, as the README's structure section draws it: entry
+points over the ad-metrics use cases over the queries over the models, with no cycle."""
+
+import ast
+from pathlib import Path
+
+from tests.helpers import ROOT
+
+MODULES = {path.stem: path for path in Path(ROOT).glob("*.py")}
+ENTRY_POINTS = {"main", "cli", "worker"}
+# What each lower module may not import: nothing above it, and no HTTP below main.
+FORBIDDEN = {
+    "metrics": {*ENTRY_POINTS, "db", "auth", "server", "middleware", "fastapi", "starlette"},
+    "crud": {*ENTRY_POINTS, "metrics", "db", "auth", "server", "fastapi", "starlette"},
+    "metrics_data": {*ENTRY_POINTS, "metrics", "crud", "db", "auth", "fastapi"},
+    "models": {*MODULES} - {"models"},
+    "errors": {*MODULES} - {"errors"},
+    "backoff": {*MODULES} - {"backoff"},
+    "settings": {*MODULES} - {"settings", "models"},
+    "turns": {*MODULES} - {"turns", "errors"},
+}
+
+
+def imports(module: str) -> set[str]:
+    """The top-level names a module imports."""
+    tree = ast.parse(MODULES[module].read_text())
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def test_lower_modules_import_nothing_above_them() -> None:
+    for module, forbidden in FORBIDDEN.items():
+        assert not imports(module) & forbidden, (module, imports(module) & forbidden)
+
+
+def test_no_module_imports_an_entry_point() -> None:
+    for module in MODULES:
+        assert not imports(module) & (ENTRY_POINTS - {module}), module
+
+
+def test_a_metrics_question_goes_main_metrics_crud() -> None:
+    assert {"metrics", "crud"} <= imports("main")
+    assert "crud" in imports("metrics")
+
+
+def test_the_project_imports_have_no_cycle() -> None:
+    graph = {module: imports(module) & MODULES.keys() for module in MODULES}
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, " -> ".join((*path, module))
+        if module not in done:
+            for imported in graph[module]:
+                visit(imported, (*path, module))
+            done.add(module)
+
+    for module in graph:
+        visit(module, ())
