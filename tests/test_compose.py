@@ -118,6 +118,7 @@ def test_database_health_is_checked_over_tcp_and_migrate_waits_for_it() -> None:
     assert migration.startswith("python cli.py wait-for-db --timeout 60 && alembic upgrade head")
 
 
+@pytest.mark.slow
 def test_wait_for_db_gives_up_after_its_timeout() -> None:
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
@@ -220,6 +221,8 @@ def port_is_free(port: int) -> bool:
         return probe.connect_ex(("127.0.0.1", port)) != 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_the_stack_runs_as_compose_states_it(stack_database: str, tmp_path: Path) -> None:
     migrate = run(SERVICES["migrate"]["command"], local_environment("migrate", stack_database))
     assert migrate.returncode == 0, migrate.stderr

@@ -49,6 +49,8 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 forget_login_attempts(redis_url())
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(180)
 def test_schemathesis_finds_nothing(fuzz_server: str) -> None:
     token = httpx.post(
         f"{fuzz_server}/auth/token",

@@ -89,6 +89,7 @@ async def sample_connections_until(
         await connection.close()
 
 
+@pytest.mark.slow
 async def test_a_login_flood_leaves_pet_reads_fast_and_holds_no_connection(
     server: Server,
 ) -> None:

@@ -81,6 +81,7 @@ def cli_ok(settings: Settings, *args: str) -> str:
 
 
 @pytest.mark.usefixtures("empty_metrics")
+@pytest.mark.slow
 async def test_seed_is_deterministic_idempotent_and_plausible(
     settings: Settings, session: AsyncSession
 ) -> None:
@@ -226,6 +227,7 @@ def write_csv(tmp_path: Path, *lines: str, header: str = HEADER) -> Path:
 
 
 @pytest.mark.usefixtures("empty_metrics")
+@pytest.mark.slow
 async def test_load_upserts_facts_and_creates_new_values(
     settings: Settings, session: AsyncSession, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:

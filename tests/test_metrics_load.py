@@ -54,6 +54,7 @@ def loaded_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[st
             yield server.base, url
 
 
+@pytest.mark.slow
 async def test_a_burst_of_the_heaviest_questions_leaves_pet_reads_fast(
     loaded_server: tuple[str, str],
 ) -> None:

@@ -261,6 +261,7 @@ def workers() -> Iterator[list[WorkerProcess]]:
 
 
 @pytest.mark.usefixtures("fresh_redis")
+@pytest.mark.slow
 async def test_two_worker_processes_print_one_start_up_report(
     settings: Settings, tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
@@ -296,6 +297,7 @@ def minutes_between(start: datetime, end: datetime | None = None) -> list[dateti
 
 
 @pytest.mark.usefixtures("fresh_redis")
+@pytest.mark.slow
 async def test_two_workers_print_one_report_per_tick(
     settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -333,6 +335,7 @@ async def test_two_workers_print_one_report_per_tick(
     assert sum(built.jobs_failed for built, _ in running) == 0
 
 
+@pytest.mark.slow
 async def test_worker_rides_out_a_redis_restart(
     settings: Settings, tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
@@ -357,6 +360,7 @@ async def test_worker_rides_out_a_redis_restart(
 
 
 @pytest.mark.usefixtures("fresh_redis")
+@pytest.mark.slow
 async def test_worker_rides_out_a_database_outage(
     settings: Settings, tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
@@ -387,6 +391,7 @@ async def until(condition: Callable[[], bool], seconds: float, what: str) -> Non
 
 
 @pytest.mark.usefixtures("fresh_redis")
+@pytest.mark.slow
 async def test_a_report_that_fails_is_logged_and_the_next_one_runs(
     settings: Settings,
     monkeypatch: pytest.MonkeyPatch,
@@ -451,6 +456,7 @@ async def test_a_report_that_fails_is_logged_and_the_next_one_runs(
 
 
 @pytest.mark.usefixtures("fresh_redis")
+@pytest.mark.slow
 async def test_a_worker_restarted_within_the_minute_does_not_repeat_the_report(
     settings: Settings, tmp_path: Path, workers: list[WorkerProcess]
 ) -> None:
