@@ -21,6 +21,7 @@ import crud
 import metrics
 from auth import hash_password
 from backoff import Backoff
+from cube import CubeOverflow
 from db import create_engine, create_sessionmaker
 from errors import ServiceError
 from metrics_data import (
@@ -239,7 +240,11 @@ def load_metrics_file(settings: Settings, path: Path, name: str) -> int:
 
     async def work(session: AsyncSession) -> int:
         progress = Progress("load-metrics", check.rows)
-        loaded = await metrics.load_facts(session, check, rows, progress.advance)
+        try:
+            loaded = await metrics.load_facts(session, check, rows, progress.advance)
+        except CubeOverflow as error:  # rolled back with the session
+            progress.stop()
+            return not_loaded(name, [str(error)], 1)
         if check.errors or loaded.repeated:
             progress.stop()
             twice = [

@@ -1,10 +1,12 @@
 """Every query of the service, as plain async functions over a session or a connection: SQL
 only, nothing stateful."""
 
+import io
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import date
+from datetime import date, timedelta
+from decimal import Decimal
 from functools import lru_cache
 from typing import Any
 
@@ -24,16 +26,14 @@ from sqlalchemy import (
     UnaryExpression,
     bindparam,
     cast,
-    column,
     exists,
     func,
+    literal,
     text,
     true,
+    union_all,
 )
 from sqlalchemy import select as core_select
-from sqlalchemy import (
-    table as table_clause,
-)
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -46,14 +46,16 @@ from models import (
     DIMENSIONS,
     MEASURES,
     METRICS,
-    ROLLUPS,
     TIME_GROUPS,
+    CubeDaily,
+    CubeMonthly,
     DimDate,
     Dimension,
     FactAdMetricsDaily,
     MetricsPage,
     MetricsPlan,
     MetricsRow,
+    MetricsSource,
     MetricValues,
     Pet,
     PetCreate,
@@ -64,6 +66,7 @@ from models import (
     PetUpdate,
     User,
     date_id_of,
+    dimensions_of,
 )
 
 # Reads run on a session or, for single-statement routes, on a bare connection.
@@ -305,62 +308,125 @@ def _ratios(sums: Mapping[str, ColumnElement[Any]], prefix: str = "") -> list[La
 def metrics_statement(plan: MetricsPlan) -> tuple[Select[Any], dict[str, Any]]:
     """The statement that answers `plan`, and the values to run it with."""
     shape = _MetricsShape(
-        _table(plan.source), plan.group_by, plan.sort, tuple(sorted(plan.filters))
+        tuple(part.source for part in plan.parts),
+        plan.set_mask,
+        plan.group_by,
+        plan.sort,
+        tuple(sorted(plan.filters)),
     )
     values: dict[str, Any] = {
-        "start_id": plan.start_id,
-        "end_id": plan.end_id,
         "limit": plan.limit,
         "offset": plan.offset,
         **{f"{name}_ids": ids for name, ids in plan.filters.items()},
     }
+    for number, part in enumerate(plan.parts):
+        values[f"first_{number}"] = part.first_id
+        values[f"last_{number}"] = part.last_id
+        if part.source == "fact_probes":
+            values[f"days_{number}"] = date_ids_between(part.first_id, part.last_id)
     return _metrics_statement(shape), values
+
+
+def date_ids_between(first_id: int, last_id: int) -> list[int]:
+    """Every date_id from one to the other."""
+    first, last = day_of(first_id), day_of(last_id)
+    return [date_id_of(first + timedelta(days=n)) for n in range((last - first).days + 1)]
+
+
+def day_of(date_id: int) -> date:
+    return date(date_id // 10000, date_id // 100 % 100, date_id % 100)
 
 
 @dataclass(frozen=True)
 class _MetricsShape:
     """What a metrics statement depends on besides its values: one statement is built per shape."""
 
-    facts: Table
+    sources: tuple[MetricsSource, ...]
+    set_mask: int
     group_by: tuple[str, ...]
     sort: str | None
     filters: tuple[str, ...]
 
 
-# Building the statement costs more than running it on a rollup; its values are bound per run.
+CUBES: dict[MetricsSource, Table] = {"daily": _table(CubeDaily), "monthly": _table(CubeMonthly)}
+# The primary key of the facts after date_id: the order its probes walk.
+FACT_KEY_ORDER = [column.name for column in FACT.primary_key.columns][1:]
+
+
+def _part(shape: _MetricsShape, number: int, time_grouped: bool) -> Select[Any]:
+    """One part of the range, as rows of (date_id when grouped by time), the ids of the question's
+    dimensions and the measures. A monthly row stands for the first day of its month."""
+    source = shape.sources[number]
+    used = dimensions_of(shape.set_mask)
+    first = bindparam(f"first_{number}", type_=Integer)
+    last = bindparam(f"last_{number}", type_=Integer)
+
+    def ids(name: str) -> Any:
+        return bindparam(f"{name}_ids", expanding=True, type_=Integer)
+
+    if source in CUBES:
+        cube = CUBES[source]
+        period = cube.c.date_id if source == "daily" else cube.c.month_id
+        keys = {name: cube.c[f"k{n + 1}"] for n, name in enumerate(used)}
+        conditions = [cube.c.set_id == literal(shape.set_mask), period.between(first, last)]
+        day = period if source == "daily" else period * 100 + 1
+        measures = [cube.c[m] for m in MEASURES if m != "cost"]
+        cost = (cube.c.cost_cents * literal(Decimal("0.01"))).label("cost")
+        sums = [*measures[:2], cost, *measures[2:]]
+        selected: list[ColumnElement[Any]] = [day.label("date_id")] if time_grouped else []
+        selected += [keys[name].label(DIMENSIONS[name].id_column) for name in used]
+        conditions += [keys[name].in_(ids(name)) for name in shape.filters]
+        return core_select(*selected, *sums).where(*conditions)
+    selected = [FACT.c.date_id] if time_grouped else []
+    selected += [FACT.c[DIMENSIONS[name].id_column] for name in used]
+    conditions = [FACT.c[DIMENSIONS[name].id_column].in_(ids(name)) for name in shape.filters]
+    if source == "facts":
+        conditions.append(FACT.c.date_id.between(first, last))
+    else:
+        # date_id = ANY(days) and every key column before the last filtered one given as an
+        # array (all of a dimension's ids when it is not filtered) make the primary key probe
+        # each combination instead of reading every fact of the range.
+        days = bindparam(f"days_{number}", type_=postgresql.ARRAY(Integer))
+        conditions.append(FACT.c.date_id == func.any(days))
+        filtered = {DIMENSIONS[name].id_column for name in shape.filters}
+        deepest = max((FACT_KEY_ORDER.index(key) for key in filtered), default=0)
+        for key in FACT_KEY_ORDER[:deepest]:
+            if key not in filtered:
+                dimension = next(d for d in DIMENSIONS.values() if d.id_column == key)
+                every = core_select(_table(dimension.table).c[key]).scalar_subquery()
+                conditions.append(FACT.c[key] == func.any(func.array(every)))
+    return core_select(*selected, *(FACT.c[m] for m in MEASURES)).where(*conditions)
+
+
+# Building the statement costs more than running it on a cube; its values are bound per run.
 @lru_cache(maxsize=512)
 def _metrics_statement(shape: _MetricsShape) -> Select[Any]:
     """One statement: the page of groups, and on every row the totals and the number of groups.
 
-    The facts (or a rollup of them) are summed on their ids first, filtered by a date_id range
-    (which the date-led indexes serve); only the grouped result is joined to the small dimension
-    tables for names and calendar buckets, then summed again by those."""
-    facts = shape.facts
+    Each part of the range is read from its source (see _part), the parts are summed together
+    on their ids, and only that result is joined to the small dimension tables for names and
+    to calendar buckets, then summed again by those."""
     time_grouped = any(group in TIME_GROUPS for group in shape.group_by)
-    dimensions = [DIMENSIONS[group] for group in shape.group_by if group in DIMENSIONS]
-    keys = ([facts.c.date_id] if time_grouped else []) + [facts.c[d.id_column] for d in dimensions]
-    conditions = [facts.c.date_id.between(bindparam("start_id"), bindparam("end_id"))] + [
-        facts.c[DIMENSIONS[name].id_column].in_(
-            bindparam(f"{name}_ids", expanding=True, type_=Integer)
-        )
-        for name in shape.filters
-    ]
+    parts = [_part(shape, number, time_grouped) for number in range(len(shape.sources))]
+    united = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery("parts")
+    id_columns = [DIMENSIONS[name].id_column for name in dimensions_of(shape.set_mask)]
+    keys = [united.c[key] for key in (["date_id"] if time_grouped else []) + id_columns]
     by_ids = (
-        core_select(*keys, *(func.sum(facts.c[m]).label(m) for m in MEASURES))
-        .where(*conditions)
+        core_select(*keys, *(func.sum(united.c[m]).label(m) for m in MEASURES))
         .group_by(*keys)
         .cte("by_ids")
     )
 
     source: FromClause = by_ids
     if time_grouped:
-        source = source.join(DAYS, DAYS.c.date_id == by_ids.c.date_id)
+        date_id = by_ids.c.date_id
+        day = func.make_date(date_id // 10000, date_id // 100 % 100, date_id % 100)
     groups: list[Label[Any]] = []
     for group in shape.group_by:
         if group == "date":
-            groups.append(DAYS.c.date_value.label(group))
+            groups.append(day.label(group))
         elif group in TIME_GROUPS:
-            groups.append(cast(func.date_trunc(group, DAYS.c.date_value), Date).label(group))
+            groups.append(cast(func.date_trunc(group, day), Date).label(group))
         else:
             dimension = DIMENSIONS[group]
             table = _table(dimension.table)
@@ -494,64 +560,66 @@ async def foreign_keys_checked_once(session: AsyncSession) -> AsyncIterator[None
 async def after_bulk_load(session: AsyncSession) -> None:
     """Fresh planner statistics, and BRIN summaries for the pages just written (until then a
     date range query reads those pages whatever their dates)."""
-    for table in (FACT, *(_table(rollup.table) for rollup in ROLLUPS)):
+    for table in (FACT, *CUBES.values()):
         await _run(session, text(f"ANALYZE {table.name}"))
     await _run(
         session, text("SELECT brin_summarize_new_values('ix_fact_ad_metrics_daily_date_id_brin')")
     )
 
 
-ROLLUP_SOURCE = "rollup_source"
+# The facts as the cubes are summed from: the keys, then the measures with cost in cents.
+FACT_CELLS = (
+    "SELECT date_id, region_id, age_id, gender_id, platform_id, placement_id, device_type_id,"
+    " impressions, clicks, (cost * 100)::bigint, conversions, likes FROM fact_ad_metrics_daily"
+    " WHERE date_id BETWEEN $1 AND $2"
+)
+FACT_CELL_TYPES = (">i4",) * 7 + (">i8",) * 5
 
 
-async def refresh_rollups(session: AsyncSession, first_id: int, last_id: int) -> None:
-    """Sum the facts of a date_id range into every rollup again, replacing those days' rows.
+async def _driver(session: AsyncSession) -> Any:
+    """The asyncpg connection under the session, in its transaction (for COPY)."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    assert raw.driver_connection is not None
+    return raw.driver_connection
 
-    The facts are read once, into a temporary table keyed by every dimension any rollup keeps
-    (a hundred thousand rows for a year); each rollup is summed from that. CREATE TABLE AS may
-    scan in parallel, where INSERT ... SELECT may not."""
-    dimensions = sorted(set().union(*(rollup.dimensions for rollup in ROLLUPS)))
-    keys = [FACT.c.date_id, *(FACT.c[DIMENSIONS[d].id_column] for d in dimensions)]
-    source = (
-        core_select(*keys, *(func.sum(FACT.c[m]).label(m) for m in MEASURES))
-        .where(FACT.c.date_id.between(first_id, last_id))
-        .group_by(*keys)
+
+async def read_fact_cells(session: AsyncSession, first_id: int, last_id: int) -> bytes:
+    """The facts of a date_id range as a binary COPY of FACT_CELLS (types FACT_CELL_TYPES)."""
+    chunks: list[bytes] = []
+
+    async def keep(chunk: bytes) -> None:
+        chunks.append(chunk)
+
+    driver = await _driver(session)
+    await driver.copy_from_query(FACT_CELLS, first_id, last_id, output=keep, format="binary")
+    return b"".join(chunks)
+
+
+async def replace_cube_rows(
+    session: AsyncSession, first_month: int, last_month: int, daily: bytes, monthly: bytes
+) -> None:
+    """Replace the cubes' rows of a range of months (month_ids) by these binary COPYs."""
+    first_day, last_day = first_month * 100 + 1, last_month * 100 + 31
+    await _run(
+        session,
+        CUBES["daily"].delete().where(CUBES["daily"].c.date_id.between(first_day, last_day)),
     )
-    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
-    sql = source.compile(dialect=dialect, compile_kwargs={"literal_binds": True})
-    # A year of per-day sums fits in memory; at the default work_mem the hash spills to disk.
-    await _run(session, text("SET LOCAL work_mem = '256MB'"))
-    await _run(session, text(f"CREATE TEMPORARY TABLE {ROLLUP_SOURCE} ON COMMIT DROP AS {sql}"))
-    summed = table_clause(
-        ROLLUP_SOURCE, *(column(key.name) for key in keys), *map(column, MEASURES)
+    monthly_cube = CUBES["monthly"]
+    await _run(
+        session,
+        monthly_cube.delete().where(monthly_cube.c.month_id.between(first_month, last_month)),
     )
-    for rollup in ROLLUPS:
-        table = _table(rollup.table)
-        rollup_keys = [
-            summed.c.date_id,
-            *(summed.c[DIMENSIONS[d].id_column] for d in sorted(rollup.dimensions)),
-        ]
-        await _run(session, table.delete().where(table.c.date_id.between(first_id, last_id)))
-        await _run(
-            session,
-            table.insert().from_select(
-                [key.name for key in rollup_keys] + list(MEASURES),
-                core_select(*rollup_keys, *(func.sum(summed.c[m]) for m in MEASURES)).group_by(
-                    *rollup_keys
-                ),
-            ),
-        )
-    await _run(session, text(f"DROP TABLE {ROLLUP_SOURCE}"))
+    driver = await _driver(session)
+    for table, data in (("cube_daily", daily), ("cube_monthly", monthly)):
+        await driver.copy_to_table(table, source=io.BytesIO(data), format="binary")
 
 
 async def copy_rows(
     session: AsyncSession, table: str, columns: Sequence[str], source: AsyncIterable[bytes]
 ) -> None:
     """PostgreSQL COPY of CSV lines into `table`, on the session's connection and transaction."""
-    connection = await session.connection()
-    raw = await connection.get_raw_connection()
-    driver = raw.driver_connection
-    assert driver is not None
+    driver = await _driver(session)
     await driver.copy_to_table(table, source=source, columns=list(columns), format="csv")
 
 

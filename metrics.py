@@ -2,6 +2,7 @@
 table that answers it, the page, CSV rows) and loading facts (the one pipeline of seed-metrics
 and load-metrics)."""
 
+import asyncio
 import csv
 import io
 import time
@@ -17,10 +18,10 @@ from collections.abc import (
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 
-from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 import crud
+import cube
 from errors import ErrorItem, InvalidParameters
 from metrics_data import (
     DEMO_VALUES,
@@ -32,16 +33,18 @@ from metrics_data import (
     staging_line,
 )
 from models import (
+    CUBE_MAX_DIMENSIONS,
     DIMENSIONS,
     METRICS,
-    ROLLUPS,
     Dimension,
-    FactAdMetricsDaily,
     MetricsCsvRow,
     MetricsPage,
+    MetricsPart,
     MetricsPlan,
     MetricsQuery,
+    MetricsSource,
     date_id_of,
+    dimension_mask,
 )
 
 # An unknown filter value's error lists the known ones when there are at most this many.
@@ -191,13 +194,63 @@ async def filter_ids(
 # --- the answer --------------------------------------------------------------------------------
 
 
-def choose_source(filters: Collection[str], group_by: Collection[str]) -> type[SQLModel]:
-    """The smallest table that holds every dimension the question filters or groups by."""
-    needed = set(filters) | {group for group in group_by if group in DIMENSIONS}
-    for rollup in ROLLUPS:
-        if needed <= rollup.dimensions:
-            return rollup.table
-    return FactAdMetricsDaily
+# A part of the range is read from the facts by primary-key probes when each day takes at most
+# this many (one per combination of the key's leading ids down to the last filtered dimension);
+# otherwise by a range scan, which reads every fact of those days (27,398 a day at 10M facts).
+MAX_PROBES_PER_DAY = 400
+
+
+def month_id_of(day: date) -> int:
+    return day.year * 100 + day.month
+
+
+def split_range(start: date, end: date) -> list[tuple[date, date, bool]]:
+    """The range as (first, last, whole_months): the days before the first whole month, the
+    whole months, the days after them; or all of it as days when it holds no whole month."""
+    first_whole = (
+        start if start.day == 1 else (start.replace(day=28) + timedelta(days=4)).replace(day=1)
+    )
+    after_end = end + timedelta(days=1)
+    last_whole = after_end.replace(day=1) - timedelta(days=1)
+    if first_whole > last_whole:
+        return [(start, end, False)]
+    pieces = [(start, first_whole - timedelta(days=1), False)] if start < first_whole else []
+    pieces.append((first_whole, last_whole, True))
+    if last_whole < end:
+        pieces.append((last_whole + timedelta(days=1), end, False))
+    return pieces
+
+
+def day_source(
+    filters: Mapping[str, list[int]], sizes: Mapping[str, int], mask: int
+) -> MetricsSource:
+    """Where days are read from: the daily cube when it holds the question's dimensions, else the
+    facts by probes when the filters make them few, else by a range scan."""
+    if mask.bit_count() <= CUBE_MAX_DIMENSIONS:
+        return "daily"
+    order = list(DIMENSIONS)  # the facts' primary key after date_id
+    if not filters:
+        return "facts"
+    deepest = max(order.index(name) for name in filters)
+    probes = 1
+    for name in order[: deepest + 1]:
+        probes *= len(filters[name]) if name in filters else sizes[name]
+    return "fact_probes" if probes <= MAX_PROBES_PER_DAY else "facts"
+
+
+def plan_parts(
+    start: date, end: date, group_by: Collection[str], days_from: MetricsSource
+) -> tuple[MetricsPart, ...]:
+    """Where each part of the range is read from: whole months from the monthly cube (unless the
+    question is grouped by day or week), the other days from `days_from`."""
+    if {"date", "week"} & set(group_by):
+        return (MetricsPart(days_from, date_id_of(start), date_id_of(end)),)
+    return tuple(
+        MetricsPart("monthly", month_id_of(first), month_id_of(last))
+        if whole
+        else MetricsPart(days_from, date_id_of(first), date_id_of(last))
+        for first, last, whole in split_range(start, end)
+    )
 
 
 async def answer(
@@ -210,10 +263,15 @@ async def answer(
     if problems or unknown:
         raise InvalidParameters(in_parameter_order([*problems, *unknown]))
     start, end = date_range(query, today)
+    mask = dimension_mask([*filters, *(g for g in query.group_by if g in DIMENSIONS)])
+    sizes = {name: len(entry.names) for name, entry in cache.entries.items()}
+    if mask.bit_count() > CUBE_MAX_DIMENSIONS and filters:
+        for name in DIMENSIONS:
+            if name not in sizes:
+                sizes[name] = len((await resolve_names(db, cache, DIMENSIONS[name], []))[2])
     plan = MetricsPlan(
-        source=choose_source(filters, query.group_by),
-        start_id=date_id_of(start),
-        end_id=date_id_of(end),
+        parts=plan_parts(start, end, query.group_by, day_source(filters, sizes, mask)),
+        set_mask=mask,
         filters=filters,
         group_by=tuple(query.group_by),
         sort=query.sort,
@@ -263,7 +321,7 @@ async def write_facts(
     session: AsyncSession, days: Collection[date], write: Callable[[], Awaitable[int]], bulk: bool
 ) -> int:
     """The one way facts are written: the days in `dim_date`, the facts `write` writes (for a bulk
-    load with the foreign keys checked once), the rollups of those days summed again and fresh
+    load with the foreign keys checked once), the cubes of those days' months summed again and fresh
     planner statistics, committed together. Returns what `write` returns (facts written)."""
     await crud.ensure_dates(session, days)
     if bulk:
@@ -271,11 +329,32 @@ async def write_facts(
             written = await write()
     else:
         written = await write()
-    if days:
-        await crud.refresh_rollups(session, date_id_of(min(days)), date_id_of(max(days)))
+    await refresh_cubes(session, days)
     await crud.after_bulk_load(session)
     await session.commit()
     return written
+
+
+async def refresh_cubes(session: AsyncSession, days: Collection[date]) -> None:
+    """Sum the cubes' rows of the months of these days again from the facts, a month at a time
+    (memory holds one month of facts); each month is summed in a thread while the next one is
+    read, so the database and the summing overlap."""
+    summing: tuple[int, asyncio.Task[tuple[bytes, bytes]]] | None = None
+    for month in sorted({month_id_of(day) for day in days}):
+        facts = await crud.read_fact_cells(session, month * 100 + 1, month * 100 + 31)
+        if summing is not None:
+            await _replace_cube_rows(session, *summing)
+        task = asyncio.create_task(asyncio.to_thread(cube.cube_copies, facts, crud.FACT_CELL_TYPES))
+        summing = (month, task)
+    if summing is not None:
+        await _replace_cube_rows(session, *summing)
+
+
+async def _replace_cube_rows(
+    session: AsyncSession, month: int, summing: asyncio.Task[tuple[bytes, bytes]]
+) -> None:
+    daily, monthly = await summing
+    await crud.replace_cube_rows(session, month, month, daily, monthly)
 
 
 async def dimension_ids(

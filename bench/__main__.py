@@ -7,7 +7,6 @@ checked against DuckDB; `--workload-only` runs just that, `--database URL` on a 
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import os
 import re
@@ -36,7 +35,7 @@ import crud  # noqa: E402
 from alembic import command  # noqa: E402
 from alembic.config import Config  # noqa: E402
 from bench import workload  # noqa: E402
-from models import FactAdMetricsDaily, MetricsPlan, RollupDailyPlatform  # noqa: E402
+from models import MetricsPart, MetricsPlan, dimension_mask  # noqa: E402
 
 SERVER = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 END = date(2026, 11, 24)
@@ -293,9 +292,8 @@ def metrics_scenarios(args: argparse.Namespace, url: str, results: Results) -> N
     germany = asyncio.run(_ids(url, "dim_region", "region_id", "region_name", "Germany"))
     start = end - timedelta(days=89)
     narrow = MetricsPlan(
-        source=FactAdMetricsDaily,
-        start_id=int(f"{start:%Y%m%d}"),
-        end_id=int(f"{end:%Y%m%d}"),
+        parts=(MetricsPart("daily", int(f"{start:%Y%m%d}"), int(f"{end:%Y%m%d}")),),
+        set_mask=dimension_mask(["region", "platform"]),
         filters={"region": [germany]},
         group_by=("platform",),
         sort=None,
@@ -324,10 +322,9 @@ def metrics_scenarios(args: argparse.Namespace, url: str, results: Results) -> N
             )
         )
         for group in ("platform", "month"):
-            wide = MetricsPlan(
-                source=RollupDailyPlatform,
-                start_id=int(f"{first:%Y%m%d}"),
-                end_id=int(f"{end:%Y%m%d}"),
+            scan = MetricsPlan(
+                parts=(MetricsPart("facts", int(f"{first:%Y%m%d}"), int(f"{end:%Y%m%d}")),),
+                set_mask=dimension_mask([group] if group == "platform" else []),
                 filters={},
                 group_by=(group,),
                 sort=None,
@@ -336,8 +333,7 @@ def metrics_scenarios(args: argparse.Namespace, url: str, results: Results) -> N
             )
             wide_query = f"/metrics?start_date={first}&end_date={end}&group_by={group}"
             app_wide = median([latency_ms(get(client, wide_query), times) for _ in range(rounds)])
-            scan = metrics_query(dataclasses.replace(wide, source=FactAdMetricsDaily))
-            raw_scan = asyncio.run(sql_ms(url, scan, 1))
+            raw_scan = asyncio.run(sql_ms(url, metrics_query(scan), 1))
             results.append(
                 Result(
                     f"GET /metrics whole range by {group} (ms)",

@@ -6,8 +6,9 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
@@ -155,7 +156,7 @@ DIMENSION_TABLES = (
     "dim_placement",
     "dim_device_type",
 )
-ROLLUP_TABLES = ("rollup_daily_platform", "rollup_daily_region_device")
+CUBE_TABLES = ("cube_daily", "cube_monthly")
 
 
 def rounded(numerator: Decimal, denominator: Decimal) -> Decimal | None:
@@ -194,7 +195,83 @@ def expected_metrics(facts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def clear_metrics(session: AsyncSession) -> None:
-    """Empty the star schema and its rollups."""
-    tables = ", ".join(["fact_ad_metrics_daily", *ROLLUP_TABLES, "dim_date", *DIMENSION_TABLES])
+    """Empty the star schema and its cubes."""
+    tables = ", ".join(["fact_ad_metrics_daily", *CUBE_TABLES, "dim_date", *DIMENSION_TABLES])
     await sql(session, f"TRUNCATE {tables} RESTART IDENTITY")
     await session.commit()
+
+
+CHECKSUM = """
+SELECT count(*) AS facts,
+       md5(string_agg(f::text, ';' ORDER BY date_id, region_id, age_id, gender_id, platform_id,
+                                            placement_id, device_type_id)) AS facts_md5,
+       (SELECT string_agg(region_name, ',' ORDER BY region_id) FROM dim_region) AS regions,
+       (SELECT string_agg(platform_name, ',' ORDER BY platform_id) FROM dim_platform) AS platforms,
+       (SELECT count(*) FROM dim_date) AS days
+FROM fact_ad_metrics_daily f
+"""
+
+
+async def checksum(session: AsyncSession) -> dict[str, Any]:
+    result = await sql(session, CHECKSUM)
+    await session.commit()
+    return dict(result.mappings().one())
+
+
+# The same question, worked out the plain way: join every dimension to every fact, then group.
+GROUP_SQL = {
+    "date": "d.date_value",
+    "week": "CAST(date_trunc('week', d.date_value) AS date)",
+    "month": "CAST(date_trunc('month', d.date_value) AS date)",
+    "region": "r.region_name",
+    "age_group": "a.age_range",
+    "gender": "g.gender_name",
+    "platform": "p.platform_name",
+    "placement": "pl.placement_name",
+    "device_type": "dt.device_type_name",
+}
+PLAIN_JOIN = """
+FROM fact_ad_metrics_daily f
+JOIN dim_date d ON d.date_id = f.date_id
+JOIN dim_region r ON r.region_id = f.region_id
+JOIN dim_age_group a ON a.age_id = f.age_id
+JOIN dim_gender g ON g.gender_id = f.gender_id
+JOIN dim_platform p ON p.platform_id = f.platform_id
+JOIN dim_placement pl ON pl.placement_id = f.placement_id
+JOIN dim_device_type dt ON dt.device_type_id = f.device_type_id
+WHERE d.date_value BETWEEN :start AND :end
+"""
+
+
+async def plain_sql(
+    session: AsyncSession,
+    group_by: Sequence[str],
+    start: date,
+    end: date,
+    filters: Mapping[str, Sequence[str]],
+) -> list[dict[str, Any]]:
+    """The rows of a question (names of its filters by dimension), worked out in plain SQL."""
+    columns = [f"{GROUP_SQL[g]} AS {g}" for g in group_by]
+    sums = [f"sum(f.{m}) AS {m}" for m in ("impressions", "clicks", "cost", "conversions", "likes")]
+    grouping = f" GROUP BY {', '.join(GROUP_SQL[g] for g in group_by)}" if group_by else ""
+    where = "".join(f" AND {GROUP_SQL[name]} = ANY(:{name})" for name in filters)
+    statement = text(f"SELECT {', '.join(columns + sums)} {PLAIN_JOIN}{where}{grouping}")
+    statement = statement.bindparams(
+        start=start, end=end, **{k: list(v) for k, v in filters.items()}
+    )
+    result = await sql(session, statement)
+    rows = []
+    for record in result.mappings():
+        if record["impressions"] is None:
+            continue
+        groups = {
+            g: str(record[g]) if g in ("date", "week", "month") else record[g] for g in group_by
+        }
+        facts = [
+            {
+                m: Decimal(record[m])
+                for m in ("impressions", "clicks", "cost", "conversions", "likes")
+            }
+        ]
+        rows.append({**groups, **expected_metrics(facts)})
+    return rows

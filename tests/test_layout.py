@@ -13,6 +13,7 @@ FORBIDDEN = {
     "metrics": {*ENTRY_POINTS, "db", "auth", "server", "middleware", "fastapi", "starlette"},
     "crud": {*ENTRY_POINTS, "metrics", "db", "auth", "server", "fastapi", "starlette"},
     "metrics_data": {*ENTRY_POINTS, "metrics", "crud", "db", "auth", "fastapi"},
+    "cube": {*MODULES} - {"cube", "models"},
     "models": {*MODULES} - {"models"},
     "errors": {*MODULES} - {"errors"},
     "backoff": {*MODULES} - {"backoff"},

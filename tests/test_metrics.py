@@ -102,7 +102,7 @@ async def star(app: FastAPI, session: AsyncSession) -> AsyncIterator[None]:
             ),
             **f,
         )
-    await crud.refresh_rollups(session, 20261030, 20261110)  # as the loaders do
+    await metrics.refresh_cubes(session, days)  # as the loaders do
     await session.commit()
     app.state.dimension_names = metrics.NameCache()
     app.dependency_overrides[utc_today] = lambda: TODAY

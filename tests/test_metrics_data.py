@@ -2,7 +2,6 @@
 every /metrics answer equals the same sums worked out directly in SQL."""
 
 import csv
-import dataclasses
 import io
 from collections.abc import AsyncIterator
 from datetime import date, timedelta
@@ -13,42 +12,16 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import text
-from sqlmodel import SQLModel
 from sqlmodel.ext.asyncio.session import AsyncSession
 
-import crud
 import metrics
 from main import utc_today
 from metrics_data import COMBINATIONS, DEMO_VALUES
-from models import (
-    DIMENSIONS,
-    FactAdMetricsDaily,
-    MetricsPlan,
-    RollupDailyPlatform,
-    RollupDailyRegionDevice,
-)
 from settings import Settings
-from tests.helpers import clear_metrics, expected_metrics, run_cli, sql
+from tests.helpers import checksum, clear_metrics, plain_sql, run_cli, sql
 
 END = date(2026, 11, 10)
 SEED_ARGS = ("seed-metrics", "--days", "20", "--rows-per-day", "300", "--end-date", END.isoformat())
-
-CHECKSUM = """
-SELECT count(*) AS facts,
-       md5(string_agg(f::text, ';' ORDER BY date_id, region_id, age_id, gender_id, platform_id,
-                                            placement_id, device_type_id)) AS facts_md5,
-       (SELECT string_agg(region_name, ',' ORDER BY region_id) FROM dim_region) AS regions,
-       (SELECT string_agg(platform_name, ',' ORDER BY platform_id) FROM dim_platform) AS platforms,
-       (SELECT count(*) FROM dim_date) AS days
-FROM fact_ad_metrics_daily f
-"""
-
-
-async def checksum(session: AsyncSession) -> dict[str, Any]:
-    result = await sql(session, CHECKSUM)
-    await session.commit()
-    return dict(result.mappings().one())
 
 
 @pytest.fixture
@@ -120,58 +93,6 @@ def test_seed_rejects_sizes_out_of_range(settings: Settings) -> None:
         assert args[0] in result.stderr
 
 
-# The same question, worked out the plain way: join every dimension to every fact, then group.
-GROUP_SQL = {
-    "date": "d.date_value",
-    "week": "CAST(date_trunc('week', d.date_value) AS date)",
-    "month": "CAST(date_trunc('month', d.date_value) AS date)",
-    "region": "r.region_name",
-    "age_group": "a.age_range",
-    "gender": "g.gender_name",
-    "platform": "p.platform_name",
-    "placement": "pl.placement_name",
-    "device_type": "dt.device_type_name",
-}
-PLAIN_JOIN = """
-FROM fact_ad_metrics_daily f
-JOIN dim_date d ON d.date_id = f.date_id
-JOIN dim_region r ON r.region_id = f.region_id
-JOIN dim_age_group a ON a.age_id = f.age_id
-JOIN dim_gender g ON g.gender_id = f.gender_id
-JOIN dim_platform p ON p.platform_id = f.platform_id
-JOIN dim_placement pl ON pl.placement_id = f.placement_id
-JOIN dim_device_type dt ON dt.device_type_id = f.device_type_id
-WHERE d.date_value BETWEEN :start AND :end AND (:platform = '' OR p.platform_name = :platform)
-"""
-
-
-async def plain_sql(
-    session: AsyncSession, group_by: list[str], start: date, end: date, platform: str
-) -> list[dict[str, Any]]:
-    columns = [f"{GROUP_SQL[g]} AS {g}" for g in group_by]
-    sums = [f"sum(f.{m}) AS {m}" for m in ("impressions", "clicks", "cost", "conversions", "likes")]
-    grouping = f" GROUP BY {', '.join(GROUP_SQL[g] for g in group_by)}" if group_by else ""
-    statement = text(f"SELECT {', '.join(columns + sums)} {PLAIN_JOIN}{grouping}").bindparams(
-        start=start, end=end, platform=platform
-    )
-    result = await sql(session, statement)
-    rows = []
-    for record in result.mappings():
-        if record["impressions"] is None:
-            continue
-        groups = {
-            g: str(record[g]) if g in ("date", "week", "month") else record[g] for g in group_by
-        }
-        facts = [
-            {
-                m: Decimal(record[m])
-                for m in ("impressions", "clicks", "cost", "conversions", "likes")
-            }
-        ]
-        rows.append({**groups, **expected_metrics(facts)})
-    return rows
-
-
 @pytest.mark.parametrize(
     "group_by",
     [
@@ -208,11 +129,12 @@ async def test_answers_on_seeded_data_equal_plain_sql(
     response = await client.get("/metrics", params=params)
     assert response.status_code == 200, response.text
     body = response.json()
-    expected = await plain_sql(session, group_by, start, end, platform)
+    chosen = {"platform": [platform]} if platform else {}
+    expected = await plain_sql(session, group_by, start, end, chosen)
     key = lambda row: [str(row[g]) for g in group_by]  # noqa: E731
     assert sorted(body["rows"], key=key) == sorted(expected, key=key)
     assert body["total_rows"] == len(expected)
-    assert body["totals"] == (await plain_sql(session, [], start, end, platform))[0]
+    assert body["totals"] == (await plain_sql(session, [], start, end, chosen))[0]
 
 
 # --- load-metrics ------------------------------------------------------------------------------
@@ -341,72 +263,11 @@ async def test_a_file_without_the_right_header_is_rejected(
     assert (await checksum(session))["facts"] == 0
 
 
-# --- rollups -------------------------------------------------------------------------------------
-
-ROLLUP_FILTERS = [
-    {},
-    {"platform": ["Instagram"]},
-    {"region": ["Germany", "France"], "device_type": ["mobile"]},
-]
-
-
-@pytest.mark.parametrize(
-    "group_by",
-    [[], ["date"], ["week"], ["month"], *([name] for name in DEMO_VALUES), ["month", "platform"],
-     ["date", "region", "device_type"], ["week", "device_type"], ["platform", "gender"]],
-)  # fmt: skip
-@pytest.mark.parametrize("filters", ROLLUP_FILTERS)
-@pytest.mark.usefixtures("seeded")
-async def test_rollup_answers_equal_fact_answers(
-    app: FastAPI, group_by: list[str], filters: dict[str, list[str]]
-) -> None:
-    async with app.state.read_engine.connect() as db:
-        ids = {}
-        for name, values in filters.items():
-            found, unknown, _ = await metrics.resolve_names(
-                db, metrics.NameCache(), DIMENSIONS[name], values
-            )
-            assert not unknown
-            ids[name] = found
-        plan = MetricsPlan(
-            source=metrics.choose_source(ids, group_by),
-            start_id=20261022,
-            end_id=20261110,
-            filters=ids,
-            group_by=tuple(group_by),
-            sort=None,
-            limit=1000,
-            offset=0,
-        )
-        from_facts = await crud.query_metrics(
-            db, dataclasses.replace(plan, source=FactAdMetricsDaily)
-        )
-        answer = await crud.query_metrics(db, plan)
-    assert answer == from_facts
-    assert from_facts.total_rows > 0
-
-
-@pytest.mark.parametrize(
-    ("group_by", "filters", "table"),
-    [
-        ((), {}, RollupDailyPlatform),
-        (("month", "platform"), {}, RollupDailyPlatform),
-        (("week",), {"platform": [1]}, RollupDailyPlatform),
-        (("region",), {"device_type": [1]}, RollupDailyRegionDevice),
-        (("date", "device_type"), {}, RollupDailyRegionDevice),
-        (("platform", "region"), {}, FactAdMetricsDaily),
-        (("gender",), {}, FactAdMetricsDaily),
-        ((), {"placement": [1]}, FactAdMetricsDaily),
-    ],
-)
-def test_the_smallest_covering_table_answers(
-    group_by: tuple[str, ...], filters: dict[str, list[int]], table: type[SQLModel]
-) -> None:
-    assert metrics.choose_source(filters, group_by) is table
+# --- cubes (tests/test_cubes.py has the rest) ---------------------------------------------------
 
 
 @pytest.mark.usefixtures("empty_metrics")
-async def test_loads_keep_the_rollups_in_step(
+async def test_loads_keep_the_cubes_in_step(
     settings: Settings, client: httpx.AsyncClient, tmp_path: Path
 ) -> None:
     cli_ok(settings, *SEED_ARGS)

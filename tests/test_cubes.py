@@ -1,0 +1,273 @@
+"""The cubes and every way a question's range is read: the cubes hold exactly the sums plain SQL
+gives; each answer, from whichever sources the planner picks, equals plain SQL over the facts;
+every source gives the same answer as every other; and all of this holds after load-metrics
+writes days inside a whole month and inside a partial one."""
+
+from dataclasses import replace
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlmodel.ext.asyncio.session import AsyncSession
+
+import crud
+import metrics
+from main import utc_today
+from models import (
+    CUBE_MAX_DIMENSIONS,
+    DIMENSIONS,
+    MetricsPart,
+    MetricsPlan,
+    MetricsSource,
+    dimension_mask,
+)
+from settings import Settings
+from tests.helpers import checksum, plain_sql, run_cli, sql
+
+END = date(2026, 11, 10)
+# 75 days: the end of August, all of September and October, ten days of November.
+SEASON = ("seed-metrics", "--days", "75", "--rows-per-day", "120", "--end-date", END.isoformat())
+LAST_SEEDED: dict[str, Any] = {}
+
+GROUPS = [
+    [], ["date"], ["week"], ["month"], *([name] for name in DIMENSIONS),
+    ["month", "platform", "device_type"],  # three dimensions: the daily cube
+    ["region", "age_group", "placement"],
+    ["date", "region", "device_type"],
+    ["region", "age_group", "gender", "platform"],  # four: days from the facts
+    ["week", "gender", "platform", "placement", "device_type"],
+    ["month", *DIMENSIONS],  # every dimension: whole months from the monthly cube's full set
+]  # fmt: skip
+FILTERS: list[dict[str, list[str]]] = [
+    {},
+    {"platform": ["instagram"]},
+    {"region": ["Germany", "France"], "device_type": ["mobile"]},
+    # Four dimensions, the key's first ones: the facts are read by probing their primary key.
+    {"region": ["Germany"], "age_group": ["18-24", "25-34"], "gender": ["female"],
+     "platform": ["facebook"]},
+]  # fmt: skip
+RANGES = [
+    (date(2026, 8, 28), END),  # days, two whole months, days
+    (date(2026, 9, 1), date(2026, 10, 31)),  # whole months only
+    (date(2026, 9, 3), date(2026, 9, 20)),  # inside one month
+]
+
+
+@pytest.fixture
+async def season(settings: Settings, session: AsyncSession, app: FastAPI) -> Any:
+    """The demo set of SEASON, seeded only when the tables hold something else."""
+    if not LAST_SEEDED or await checksum(session) != LAST_SEEDED:
+        await sql(session, "TRUNCATE fact_ad_metrics_daily, cube_daily, cube_monthly")
+        await session.commit()
+        result = run_cli(settings, *SEASON)
+        assert result.returncode == 0, result.stderr
+        LAST_SEEDED.clear()
+        LAST_SEEDED.update(await checksum(session))
+    app.state.dimension_names = metrics.NameCache()
+    app.dependency_overrides[utc_today] = lambda: END
+    yield
+    app.dependency_overrides.pop(utc_today)
+
+
+async def assert_answers_equal_plain_sql(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    group_by: list[str],
+    filters: dict[str, list[str]],
+    start: date,
+    end: date,
+) -> None:
+    params: dict[str, Any] = {
+        "start_date": start,
+        "end_date": end,
+        "group_by": group_by,
+        "limit": 1000,
+        **filters,
+    }
+    response = await client.get("/metrics", params=params)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    expected = await plain_sql(session, group_by, start, end, filters)
+    # Past a page of 1,000 groups, the page is a part of them.
+    assert len(body["rows"]) == min(len(expected), 1000)
+    assert all(row in expected for row in body["rows"])
+    assert body["total_rows"] == len(expected)
+    totals = await plain_sql(session, [], start, end, filters)
+    assert body["totals"] == (totals[0] if totals else ZERO_TOTALS)
+
+
+ZERO_TOTALS = {
+    "impressions": 0, "clicks": 0, "cost": "0", "conversions": 0, "likes": 0,
+    "ctr": None, "cpc": None, "cpm": None, "cpa": None, "cvr": None,
+}  # fmt: skip
+
+
+# Every group_by with every filter over the range with partial months at both ends; the other
+# ranges with every group_by.
+QUESTIONS = [
+    *((group_by, filters, *RANGES[0]) for group_by in GROUPS for filters in FILTERS),
+    *((group_by, FILTERS[1], *span) for group_by in GROUPS for span in RANGES[1:]),
+]
+
+
+@pytest.mark.parametrize(("group_by", "filters", "start", "end"), QUESTIONS)
+@pytest.mark.usefixtures("season")
+async def test_every_question_equals_plain_sql(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    group_by: list[str],
+    filters: dict[str, list[str]],
+    start: date,
+    end: date,
+) -> None:
+    await assert_answers_equal_plain_sql(client, session, group_by, filters, start, end)
+
+
+async def plan_of(
+    session: AsyncSession, group_by: list[str], filters: dict[str, list[str]]
+) -> MetricsPlan:
+    ids: dict[str, list[int]] = {}
+    for name, values in filters.items():
+        found, unknown, _ = await metrics.resolve_names(
+            session, metrics.NameCache(), DIMENSIONS[name], values
+        )
+        assert not unknown
+        ids[name] = found
+    mask = dimension_mask([*filters, *(g for g in group_by if g in DIMENSIONS)])
+    return MetricsPlan(
+        parts=(),
+        set_mask=mask,
+        filters=ids,
+        group_by=tuple(group_by),
+        sort=None,
+        limit=1000,
+        offset=0,
+    )
+
+
+def whole(source: MetricsSource) -> tuple[MetricsPart, ...]:
+    """The season's whole range from one source, by days."""
+    return (MetricsPart(source, 20260828, 20261110),)
+
+
+MONTHS = (
+    MetricsPart("daily", 20260828, 20260831),
+    MetricsPart("monthly", 202609, 202610),
+    MetricsPart("facts", 20261101, 20261110),
+)
+
+
+@pytest.mark.parametrize("filters", [FILTERS[0], *FILTERS[2:]])
+@pytest.mark.parametrize("group_by", GROUPS)
+@pytest.mark.usefixtures("season")
+async def test_every_source_gives_the_facts_answer(
+    session: AsyncSession, group_by: list[str], filters: dict[str, list[str]]
+) -> None:
+    plan = await plan_of(session, group_by, filters)
+    from_facts = await crud.query_metrics(session, replace(plan, parts=whole("facts")))
+    assert from_facts.total_rows > 0
+    sources = [whole("fact_probes")]
+    small = plan.set_mask.bit_count() <= CUBE_MAX_DIMENSIONS
+    if small:
+        sources.append(whole("daily"))
+    if not {"date", "week"} & set(group_by):  # a month's row stands for its first day
+        head = MetricsPart("daily" if small else "fact_probes", 20260828, 20260831)
+        months = MetricsPart("monthly", 202609, 202610)
+        sources.append((head, months, MetricsPart("facts", 20261101, 20261110)))
+    for parts in sources:
+        answer = await crud.query_metrics(session, replace(plan, parts=parts))
+        assert answer == from_facts, parts
+
+
+@pytest.mark.usefixtures("season")
+async def test_the_cubes_hold_exactly_the_sums_plain_sql_gives(session: AsyncSession) -> None:
+    columns = [DIMENSIONS[name].id_column for name in DIMENSIONS]
+    sums = "sum(impressions), sum(clicks), sum(cost) * 100, sum(conversions), sum(likes)"
+    for table, period, period_sql, key_count in (
+        ("cube_daily", "date_id", "date_id", CUBE_MAX_DIMENSIONS),
+        ("cube_monthly", "month_id", "date_id / 100", len(columns)),
+    ):
+        selects = []
+        for mask in range(64):
+            kept = [c for bit, c in enumerate(columns) if mask >> bit & 1]
+            if len(kept) <= key_count:
+                keys = ", ".join([str(mask), period_sql, *kept, *["0"] * (key_count - len(kept))])
+                grouped = ", ".join([period_sql, *kept])
+                selects.append(
+                    f"SELECT {keys}, {sums} FROM fact_ad_metrics_daily GROUP BY {grouped}"
+                )
+        expected = " UNION ALL ".join(selects)
+        cube_keys = ", ".join(["set_id", period, *(f"k{n + 1}" for n in range(key_count))])
+        actual = (
+            f"SELECT {cube_keys}, impressions, clicks, cost_cents, conversions, likes FROM {table}"
+        )
+        for first, second in ((expected, actual), (actual, expected)):
+            differ = await sql(session, f"SELECT count(*) FROM ({first} EXCEPT ALL ({second})) d")
+            assert differ.scalar_one() == 0, table
+
+
+def test_the_planner_reads_whole_months_from_the_monthly_cube() -> None:
+    days = metrics.plan_parts(date(2026, 8, 28), END, ["platform"], "daily")
+    assert days == (
+        MetricsPart("daily", 20260828, 20260831),
+        MetricsPart("monthly", 202609, 202610),
+        MetricsPart("daily", 20261101, 20261110),
+    )
+    assert metrics.plan_parts(date(2026, 9, 1), date(2026, 9, 30), [], "facts") == (
+        MetricsPart("monthly", 202609, 202609),
+    )
+    assert metrics.plan_parts(date(2026, 9, 2), date(2026, 9, 30), [], "facts") == (
+        MetricsPart("facts", 20260902, 20260930),
+    )
+    # Grouped by day or week, a month's row cannot be split: every day is read as days.
+    assert metrics.plan_parts(date(2026, 8, 28), END, ["week"], "daily") == (
+        MetricsPart("daily", 20260828, 20261110),
+    )
+    assert metrics.split_range(date(2024, 2, 1), date(2024, 2, 29)) == [
+        (date(2024, 2, 1), date(2024, 2, 29), True)
+    ]
+    assert metrics.split_range(date(2025, 12, 31), date(2026, 1, 1)) == [
+        (date(2025, 12, 31), date(2026, 1, 1), False)
+    ]
+
+
+def test_the_planner_reads_days_from_the_smallest_source() -> None:
+    sizes = {"region": 20, "age_group": 7, "gender": 3, "platform": 4, "placement": 8,
+             "device_type": 4}  # fmt: skip
+    three = dimension_mask(["region", "age_group", "placement"])
+    assert metrics.day_source({"region": [1]}, sizes, three) == "daily"
+    four = dimension_mask(["region", "age_group", "gender", "platform"])
+    assert metrics.day_source({}, sizes, four) == "facts"
+    # One region, every age and gender, two platforms: 42 probes a day.
+    assert metrics.day_source({"region": [1], "platform": [1, 2]}, sizes, four) == "fact_probes"
+    # A device type alone would take 20 * 7 * 3 * 4 * 8 probes a day: the range is scanned.
+    assert metrics.day_source({"device_type": [1]}, sizes, four | 32) == "facts"
+
+
+@pytest.mark.usefixtures("season")
+async def test_a_load_inside_the_range_keeps_every_answer_exact(
+    settings: Settings, client: httpx.AsyncClient, session: AsyncSession, tmp_path: Path
+) -> None:
+    header = "date,region,age_group,gender,platform,placement,device_type,impressions,clicks,cost,conversions,likes"  # noqa: E501
+    lines = [
+        "2026-09-15,Germany,18-24,female,facebook,feed,mobile,100000,10,1.50,1,2",  # whole month
+        "2026-09-15,Atlantis,18-24,female,facebook,feed,mobile,5000,50,7.25,5,0",  # a new region
+        "2026-11-05,France,65+,male,instagram,reels,tablet,7,7,0.07,0,1",  # the partial month
+    ]
+    path = tmp_path / "metrics.csv"
+    path.write_text("\n".join([header, *lines]) + "\n")
+    result = run_cli(settings, "load-metrics", str(path))
+    assert result.returncode == 0, result.stderr
+    for group_by in (
+        ["region"],
+        ["month", "platform"],
+        ["region", "age_group", "gender", "platform"],
+    ):
+        for filters in FILTERS[:3]:
+            await assert_answers_equal_plain_sql(
+                client, session, group_by, filters, date(2026, 8, 28), END
+            )
+    await test_the_cubes_hold_exactly_the_sums_plain_sql_gives(session)
