@@ -43,12 +43,12 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 from errors import NotFound, PreconditionFailed
 from models import (
+    CUBE_DAILY,
+    CUBE_MONTHLY,
     DIMENSIONS,
     MEASURES,
     METRICS,
     TIME_GROUPS,
-    CubeDaily,
-    CubeMonthly,
     DimDate,
     Dimension,
     FactAdMetricsDaily,
@@ -348,7 +348,7 @@ class _MetricsShape:
     filters: tuple[str, ...]
 
 
-CUBES: dict[MetricsSource, Table] = {"daily": _table(CubeDaily), "monthly": _table(CubeMonthly)}
+CUBES: dict[MetricsSource, Table] = {"daily": CUBE_DAILY, "monthly": CUBE_MONTHLY}
 # The primary key of the facts after date_id: the order its probes walk.
 FACT_KEY_ORDER = [column.name for column in FACT.primary_key.columns][1:]
 

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Index,
     Integer,
     SmallInteger,
+    Table,
     func,
     text,
 )
@@ -369,37 +370,27 @@ class FactAdMetricsDaily(SQLModel, table=True):
 # bit mask over DIMENSIONS (region 1, age_group 2, gender 4, platform 8, placement 16, device_type
 # 32); k1, k2, ... hold the ids of the set's dimensions in that order, 0 past the set's size.
 # Sums are 64-bit integers and cost is in cents, so they add up exactly and fast. metrics.py keeps
-# them in step with the facts, in the transaction that writes the facts.
-class CubeDaily(SQLModel, table=True):
-    __tablename__ = "cube_daily"
-    set_id: int = Field(sa_type=SmallInteger, primary_key=True)
-    date_id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
-    k1: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
-    k2: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
-    k3: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
-    impressions: int = Field(sa_type=BigInteger)
-    clicks: int = Field(sa_type=BigInteger)
-    cost_cents: int = Field(sa_type=BigInteger)
-    conversions: int = Field(sa_type=BigInteger)
-    likes: int = Field(sa_type=BigInteger)
+# them in step with the facts, in the transaction that writes the facts, a month at a time
+# (delete, then COPY); as their only writer it keeps them free of duplicates without a unique key:
+# an index on (set_id, period) finds a set's days, deduplicated to a few megabytes, where a
+# primary key over every column would be as big as the rows.
+def _cube(name: str, period: str, key_count: int) -> Table:
+    keys = [f"k{n}" for n in range(1, key_count + 1)]
+    return Table(
+        name,
+        SQLModel.metadata,
+        Column("set_id", SmallInteger, nullable=False),
+        Column(period, Integer, nullable=False),
+        *(Column(key, Integer, nullable=False) for key in keys),
+        *(Column(m, BigInteger, nullable=False) for m in CUBE_MEASURES),
+        Index(f"ix_{name}_set_id_{period}", "set_id", period),
+    )
 
 
+CUBE_MEASURES = ("impressions", "clicks", "cost_cents", "conversions", "likes")
+CUBE_DAILY = _cube("cube_daily", "date_id", 3)
 # month_id is YYYYMM. It holds every set of dimensions, the daily cube those of at most three.
-class CubeMonthly(SQLModel, table=True):
-    __tablename__ = "cube_monthly"
-    set_id: int = Field(sa_type=SmallInteger, primary_key=True)
-    month_id: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
-    k1: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
-    k2: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
-    k3: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
-    k4: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
-    k5: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
-    k6: int = Field(primary_key=True, sa_column_kwargs={"autoincrement": False})
-    impressions: int = Field(sa_type=BigInteger)
-    clicks: int = Field(sa_type=BigInteger)
-    cost_cents: int = Field(sa_type=BigInteger)
-    conversions: int = Field(sa_type=BigInteger)
-    likes: int = Field(sa_type=BigInteger)
+CUBE_MONTHLY = _cube("cube_monthly", "month_id", 6)
 
 
 @dataclass(frozen=True)

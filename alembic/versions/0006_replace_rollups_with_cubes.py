@@ -23,9 +23,7 @@ depends_on: str | Sequence[str] | None = None
 DIMENSION_COLUMNS = (
     "region_id", "age_id", "gender_id", "platform_id", "placement_id", "device_type_id"
 )  # fmt: skip
-SUMS = (
-    "sum(impressions), sum(clicks), (sum(cost) * 100)::bigint, sum(conversions), sum(likes)"
-)
+SUMS = "sum(impressions), sum(clicks), (sum(cost) * 100)::bigint, sum(conversions), sum(likes)"
 MEASURES = ("impressions", "clicks", "cost_cents", "conversions", "likes")
 
 
@@ -34,11 +32,11 @@ def _cube(name: str, period: str, key_count: int) -> None:
     op.create_table(
         name,
         sa.Column("set_id", sa.SmallInteger(), nullable=False),
-        sa.Column(period, sa.Integer(), autoincrement=False, nullable=False),
-        *(sa.Column(key, sa.Integer(), autoincrement=False, nullable=False) for key in keys),
+        sa.Column(period, sa.Integer(), nullable=False),
+        *(sa.Column(key, sa.Integer(), nullable=False) for key in keys),
         *(sa.Column(measure, sa.BigInteger(), nullable=False) for measure in MEASURES),
-        sa.PrimaryKeyConstraint("set_id", period, *keys, name=op.f(f"pk_{name}")),
     )
+    op.create_index(op.f(f"ix_{name}_set_id_{period}"), name, ["set_id", period])
 
 
 def upgrade() -> None:
@@ -70,7 +68,8 @@ def downgrade() -> None:
     # The rollups as revision 0004 made them, summed from the facts again.
     path = Path(__file__).with_name("0004_create_metrics_rollups.py")
     spec = importlib.util.spec_from_file_location("rollups_0004", path)
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     rollups = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rollups)
     rollups.upgrade()
