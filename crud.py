@@ -308,7 +308,7 @@ def _ratios(sums: Mapping[str, ColumnElement[Any]], prefix: str = "") -> list[La
 def metrics_statement(plan: MetricsPlan) -> tuple[Select[Any], dict[str, Any]]:
     """The statement that answers `plan`, and the values to run it with."""
     shape = _MetricsShape(
-        tuple(part.source for part in plan.parts),
+        tuple((part.source, part.probe_depth) for part in plan.parts),
         plan.set_mask,
         plan.group_by,
         plan.sort,
@@ -341,7 +341,7 @@ def day_of(date_id: int) -> date:
 class _MetricsShape:
     """What a metrics statement depends on besides its values: one statement is built per shape."""
 
-    sources: tuple[MetricsSource, ...]
+    sources: tuple[tuple[MetricsSource, int], ...]  # and the probe depth
     set_mask: int
     group_by: tuple[str, ...]
     sort: str | None
@@ -356,7 +356,7 @@ FACT_KEY_ORDER = [column.name for column in FACT.primary_key.columns][1:]
 def _part(shape: _MetricsShape, number: int, time_grouped: bool) -> Select[Any]:
     """One part of the range, as rows of (date_id when grouped by time), the ids of the question's
     dimensions and the measures. A monthly row stands for the first day of its month."""
-    source = shape.sources[number]
+    source, depth = shape.sources[number]
     used = dimensions_of(shape.set_mask)
     first = bindparam(f"first_{number}", type_=Integer)
     last = bindparam(f"last_{number}", type_=Integer)
@@ -383,14 +383,14 @@ def _part(shape: _MetricsShape, number: int, time_grouped: bool) -> Select[Any]:
     if source == "facts":
         conditions.append(FACT.c.date_id.between(first, last))
     else:
-        # date_id = ANY(days) and every key column before the last filtered one given as an
-        # array (all of a dimension's ids when it is not filtered) make the primary key probe
-        # each combination instead of reading every fact of the range.
+        # date_id = ANY(days) and each of the key's first `depth` columns given as an array
+        # (all of a dimension's ids when it is not filtered) make the primary key probe each
+        # combination instead of reading every fact of the range; deeper filters are checked
+        # on the facts found.
         days = bindparam(f"days_{number}", type_=postgresql.ARRAY(Integer))
         conditions.append(FACT.c.date_id == func.any(days))
         filtered = {DIMENSIONS[name].id_column for name in shape.filters}
-        deepest = max((FACT_KEY_ORDER.index(key) for key in filtered), default=0)
-        for key in FACT_KEY_ORDER[:deepest]:
+        for key in FACT_KEY_ORDER[:depth]:
             if key not in filtered:
                 dimension = next(d for d in DIMENSIONS.values() if d.id_column == key)
                 every = core_select(_table(dimension.table).c[key]).scalar_subquery()

@@ -442,8 +442,8 @@ METRICS = MEASURES + RATIOS
 
 
 # Where a part of a question's range is read from: the facts by a date_id range scan, the facts
-# by primary-key probes (each day, each combination of the filtered dimensions' ids), the daily
-# cube, or the monthly cube (first_id and last_id are then month_ids, YYYYMM).
+# by primary-key probes (each day, each combination of the ids of the key's first `probe_depth`
+# dimensions), the daily cube, or the monthly cube (first_id and last_id are then month_ids).
 MetricsSource = Literal["facts", "fact_probes", "daily", "monthly"]
 
 
@@ -454,6 +454,7 @@ class MetricsPart:
     source: MetricsSource
     first_id: int
     last_id: int
+    probe_depth: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -148,9 +148,9 @@ async def plan_of(
     )
 
 
-def whole(source: MetricsSource) -> tuple[MetricsPart, ...]:
+def whole(source: MetricsSource, probe_depth: int = 0) -> tuple[MetricsPart, ...]:
     """The season's whole range from one source, by days."""
-    return (MetricsPart(source, 20260828, 20261110),)
+    return (MetricsPart(source, 20260828, 20261110, probe_depth),)
 
 
 MONTHS = (
@@ -169,12 +169,12 @@ async def test_every_source_gives_the_facts_answer(
     plan = await plan_of(session, group_by, filters)
     from_facts = await crud.query_metrics(session, replace(plan, parts=whole("facts")))
     assert from_facts.total_rows > 0
-    sources = [whole("fact_probes")]
+    sources = [whole("fact_probes", depth) for depth in (0, 1, 4, 6)]
     small = plan.set_mask.bit_count() <= CUBE_MAX_DIMENSIONS
     if small:
         sources.append(whole("daily"))
     if not {"date", "week"} & set(group_by):  # a month's row stands for its first day
-        head = MetricsPart("daily" if small else "fact_probes", 20260828, 20260831)
+        head = MetricsPart("daily" if small else "fact_probes", 20260828, 20260831, 2)
         months = MetricsPart("monthly", 202609, 202610)
         sources.append((head, months, MetricsPart("facts", 20261101, 20261110)))
     for parts in sources:
@@ -210,20 +210,20 @@ async def test_the_cubes_hold_exactly_the_sums_plain_sql_gives(session: AsyncSes
 
 
 def test_the_planner_reads_whole_months_from_the_monthly_cube() -> None:
-    days = metrics.plan_parts(date(2026, 8, 28), END, ["platform"], "daily")
+    days = metrics.plan_parts(date(2026, 8, 28), END, ["platform"], ("daily", 0))
     assert days == (
         MetricsPart("daily", 20260828, 20260831),
         MetricsPart("monthly", 202609, 202610),
         MetricsPart("daily", 20261101, 20261110),
     )
-    assert metrics.plan_parts(date(2026, 9, 1), date(2026, 9, 30), [], "facts") == (
+    assert metrics.plan_parts(date(2026, 9, 1), date(2026, 9, 30), [], ("facts", 0)) == (
         MetricsPart("monthly", 202609, 202609),
     )
-    assert metrics.plan_parts(date(2026, 9, 2), date(2026, 9, 30), [], "facts") == (
+    assert metrics.plan_parts(date(2026, 9, 2), date(2026, 9, 30), [], ("facts", 0)) == (
         MetricsPart("facts", 20260902, 20260930),
     )
     # Grouped by day or week, a month's row cannot be split: every day is read as days.
-    assert metrics.plan_parts(date(2026, 8, 28), END, ["week"], "daily") == (
+    assert metrics.plan_parts(date(2026, 8, 28), END, ["week"], ("daily", 0)) == (
         MetricsPart("daily", 20260828, 20261110),
     )
     assert metrics.split_range(date(2024, 2, 1), date(2024, 2, 29)) == [
@@ -238,13 +238,21 @@ def test_the_planner_reads_days_from_the_smallest_source() -> None:
     sizes = {"region": 20, "age_group": 7, "gender": 3, "platform": 4, "placement": 8,
              "device_type": 4}  # fmt: skip
     three = dimension_mask(["region", "age_group", "placement"])
-    assert metrics.day_source({"region": [1]}, sizes, three) == "daily"
+    assert metrics.day_source({"region": [1]}, sizes, three) == ("daily", 0)
     four = dimension_mask(["region", "age_group", "gender", "platform"])
-    assert metrics.day_source({}, sizes, four) == "facts"
-    # One region, every age and gender, two platforms: 42 probes a day.
-    assert metrics.day_source({"region": [1], "platform": [1, 2]}, sizes, four) == "fact_probes"
+    assert metrics.day_source({}, sizes, four) == ("facts", 0)
+    # One region and two platforms: 42 probes a day down to the platform (every age and
+    # gender) cost less than one probe and every fact of the region.
+    assert metrics.day_source({"region": [1], "platform": [1, 2]}, sizes, four) == (
+        "fact_probes",
+        4,
+    )
+    # One age group, one platform, one device type: probing down to the platform (60 probes a
+    # day) and checking the device on what it finds beats probing all 480 combinations.
+    filters = {"age_group": [1], "platform": [1], "device_type": [1]}
+    assert metrics.day_source(filters, sizes, four | 32) == ("fact_probes", 4)
     # A device type alone would take 20 * 7 * 3 * 4 * 8 probes a day: the range is scanned.
-    assert metrics.day_source({"device_type": [1]}, sizes, four | 32) == "facts"
+    assert metrics.day_source({"device_type": [1]}, sizes, four | 32) == ("facts", 0)
 
 
 @pytest.mark.usefixtures("season")
