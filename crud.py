@@ -354,10 +354,11 @@ FACT_KEY_ORDER = [column.name for column in FACT.primary_key.columns][1:]
 
 
 def _part(shape: _MetricsShape, number: int, time_grouped: bool) -> Select[Any]:
-    """One part of the range, as rows of (date_id when grouped by time), the ids of the question's
-    dimensions and the measures. A monthly row stands for the first day of its month."""
+    """One part of the range, as rows of (date_id when grouped by time), the ids of the dimensions
+    grouped by and the measures. A monthly row stands for the first day of its month."""
     source, depth = shape.sources[number]
-    used = dimensions_of(shape.set_mask)
+    used = dimensions_of(shape.set_mask)  # filtered or grouped by
+    grouped = [name for name in used if name in shape.group_by]
     first = bindparam(f"first_{number}", type_=Integer)
     last = bindparam(f"last_{number}", type_=Integer)
 
@@ -374,11 +375,11 @@ def _part(shape: _MetricsShape, number: int, time_grouped: bool) -> Select[Any]:
         cost = (cube.c.cost_cents * literal(Decimal("0.01"))).label("cost")
         sums = [*measures[:2], cost, *measures[2:]]
         selected: list[ColumnElement[Any]] = [day.label("date_id")] if time_grouped else []
-        selected += [keys[name].label(DIMENSIONS[name].id_column) for name in used]
+        selected += [keys[name].label(DIMENSIONS[name].id_column) for name in grouped]
         conditions += [keys[name].in_(ids(name)) for name in shape.filters]
         return core_select(*selected, *sums).where(*conditions)
     selected = [FACT.c.date_id] if time_grouped else []
-    selected += [FACT.c[DIMENSIONS[name].id_column] for name in used]
+    selected += [FACT.c[DIMENSIONS[name].id_column] for name in grouped]
     conditions = [FACT.c[DIMENSIONS[name].id_column].in_(ids(name)) for name in shape.filters]
     if source == "facts":
         conditions.append(FACT.c.date_id.between(first, last))
@@ -409,7 +410,7 @@ def _metrics_statement(shape: _MetricsShape) -> Select[Any]:
     time_grouped = any(group in TIME_GROUPS for group in shape.group_by)
     parts = [_part(shape, number, time_grouped) for number in range(len(shape.sources))]
     united = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery("parts")
-    id_columns = [DIMENSIONS[name].id_column for name in dimensions_of(shape.set_mask)]
+    id_columns = [DIMENSIONS[name].id_column for name in shape.group_by if name in DIMENSIONS]
     keys = [united.c[key] for key in (["date_id"] if time_grouped else []) + id_columns]
     by_ids = (
         core_select(*keys, *(func.sum(united.c[m]).label(m) for m in MEASURES))

@@ -191,6 +191,25 @@ async def filter_ids(
     return ids, problems
 
 
+async def narrowing(
+    db: crud.Executor, cache: NameCache, filters: dict[str, list[int]]
+) -> dict[str, list[int]]:
+    """The filters that narrow the question. One that names every value of its dimension (as the
+    database holds them now, not as cached) is no filter: without it a smaller cube answers."""
+    kept: dict[str, list[int]] = {}
+    for name, ids in filters.items():
+        if _names_all(cache.entries[name], ids):
+            fresh = await _load_names(db, cache, DIMENSIONS[name])  # a value may have been added
+            if _names_all(fresh, ids):
+                continue
+        kept[name] = ids
+    return kept
+
+
+def _names_all(entry: DimensionNames, ids: Collection[int]) -> bool:
+    return {i for found in entry.ids_by_key.values() for i in found} <= set(ids)
+
+
 # --- the answer --------------------------------------------------------------------------------
 
 
@@ -278,6 +297,7 @@ async def answer(
     if problems or unknown:
         raise InvalidParameters(in_parameter_order([*problems, *unknown]))
     start, end = date_range(query, today)
+    filters = await narrowing(db, cache, filters)
     mask = dimension_mask([*filters, *(g for g in query.group_by if g in DIMENSIONS)])
     sizes = {name: len(entry.names) for name, entry in cache.entries.items()}
     if mask.bit_count() > CUBE_MAX_DIMENSIONS and filters:  # the probes' cost needs every size
