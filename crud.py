@@ -616,6 +616,14 @@ async def replace_cube_rows(
         await driver.copy_to_table(table, source=io.BytesIO(data), format="binary")
 
 
+async def copy_binary(
+    session: AsyncSession, table: str, columns: Sequence[str], source: AsyncIterable[bytes]
+) -> None:
+    """PostgreSQL binary COPY into `table`, on the session's connection and transaction."""
+    driver = await _driver(session)
+    await driver.copy_to_table(table, source=source, columns=list(columns), format="binary")
+
+
 async def copy_rows(
     session: AsyncSession, table: str, columns: Sequence[str], source: AsyncIterable[bytes]
 ) -> None:

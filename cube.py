@@ -179,11 +179,24 @@ COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\
 COPY_TRAILER = b"\xff\xff"
 
 
+# A numeric(p, 2) field below 10**12, written as PostgreSQL's binary numeric: four base-10,000
+# digits (the first of them 10**8), weight 2, scale 2. PostgreSQL strips the zero digits.
+CENTS = "cents"
+NUMERIC = np.dtype(
+    [("ndigits", ">i2"), ("weight", ">i2"), ("sign", ">u2"), ("dscale", ">i2"),
+     ("digits", ">i2", (4,))]
+)  # fmt: skip
+CENTS_LIMIT = 10**14
+
+
 def copy_row_type(fields: Sequence[str]) -> np.dtype[np.void]:
-    """One row of a binary COPY of these big-endian fields (">i2", ">i4", ">i8"): its field
-    count, then each field's length and value."""
+    """One row of a binary COPY of these big-endian fields (">i2", ">i4", ">i8", or CENTS): its
+    field count, then each field's length and value."""
     columns: list[tuple[str, object]] = [("count", ">i2")]
-    columns += [(f"f{n}", [("length", ">i4"), ("value", kind)]) for n, kind in enumerate(fields)]
+    columns += [
+        (f"f{n}", [("length", ">i4"), ("value", NUMERIC if kind == CENTS else kind)])
+        for n, kind in enumerate(fields)
+    ]
     return np.dtype(columns)
 
 
@@ -195,15 +208,31 @@ def read_copy(data: bytes, fields: Sequence[str]) -> list[Array]:
     return [rows[f"f{n}"]["value"].astype(np.int64) for n in range(len(fields))]
 
 
-def write_copy(columns: Sequence[Array], fields: Sequence[str]) -> bytes:
-    """A binary COPY of these int64 columns as the given big-endian integer fields."""
+def copy_rows(columns: Sequence[Array], fields: Sequence[str]) -> bytes:
+    """The rows of a binary COPY (no signature, no trailer) of these int64 columns as the given
+    fields; a CENTS column holds cents, 0 up to CENTS_LIMIT."""
     row = copy_row_type(fields)
     rows = np.empty(len(columns[0]) if columns else 0, dtype=row)
     rows["count"] = len(fields)
     for n, (column, kind) in enumerate(zip(columns, fields, strict=True)):
-        rows[f"f{n}"]["length"] = np.dtype(kind).itemsize
-        rows[f"f{n}"]["value"] = column
-    return COPY_SIGNATURE + rows.tobytes() + COPY_TRAILER
+        field = rows[f"f{n}"]
+        if kind == CENTS:
+            field["length"] = NUMERIC.itemsize
+            value = field["value"]
+            value["ndigits"], value["weight"], value["sign"], value["dscale"] = 4, 2, 0, 2
+            units, cents = np.divmod(column, 100)
+            value["digits"] = np.stack(
+                [units // 10**8, units // 10**4 % 10**4, units % 10**4, cents * 100], axis=1
+            )
+        else:
+            field["length"] = np.dtype(kind).itemsize
+            field["value"] = column
+    return rows.tobytes()
+
+
+def write_copy(columns: Sequence[Array], fields: Sequence[str]) -> bytes:
+    """A binary COPY of these int64 columns as the given fields (see copy_rows)."""
+    return COPY_SIGNATURE + copy_rows(columns, fields) + COPY_TRAILER
 
 
 def cube_columns(cells: Cells, key_count: int) -> list[Array]:

@@ -402,6 +402,10 @@ async def dimension_ids(
     }
 
 
+# The fact's columns (FACT_COLUMNS) as a binary COPY writes them.
+FACT_FIELDS = (*(">i4",) * (1 + len(DIMENSIONS)), ">i8", ">i8", cube.CENTS, ">i8", ">i8")
+
+
 async def seed_facts(
     session: AsyncSession, days: int, rows_per_day: int, seed: int, end: date, progress: Progress
 ) -> int:
@@ -417,13 +421,15 @@ async def seed_facts(
     all_days = [first + timedelta(days=offset) for offset in range(days)]
     await crud.delete_facts(session, date_id_of(first), date_id_of(end))
 
-    async def lines() -> AsyncIterable[bytes]:
+    async def rows() -> AsyncIterable[bytes]:
+        yield cube.COPY_SIGNATURE
         for day in all_days:
-            yield demo_day(day, rows_per_day, seed, combinations).encode()
+            yield cube.copy_rows(demo_day(day, rows_per_day, seed, combinations), FACT_FIELDS)
             progress(rows_per_day)
+        yield cube.COPY_TRAILER
 
     async def copy() -> int:
-        await crud.copy_rows(session, "fact_ad_metrics_daily", FACT_COLUMNS, lines())
+        await crud.copy_binary(session, "fact_ad_metrics_daily", FACT_COLUMNS, rows())
         return days * rows_per_day
 
     return await write_facts(session, all_days, copy, bulk=True)

@@ -1,13 +1,13 @@
 """Ad-metrics data from outside the API: the deterministic demo set and the load-metrics CSV."""
 
 import csv
-import random
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import date
-from itertools import product
 from math import prod
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import ValidationError
 
 from models import DIMENSIONS, MEASURES, MetricsCsvRow, date_id_of
@@ -58,55 +58,68 @@ assert list(DEMO_VALUES) == list(DIMENSIONS), "the demo axes follow the fact's k
 
 
 @dataclass(frozen=True)
-class Combination:
-    """One combination of demo dimension values: its fact key columns and its traits."""
+class Combinations:
+    """Every combination of demo dimension values, by index (the last dimension varies fastest):
+    its fact key columns and its traits, as arrays, so that a day is drawn in a few array
+    operations."""
 
-    keys: str  # "region_id,age_id,gender_id,platform_id,placement_id,device_type_id"
-    weight: float
-    click_rate: float
-    like_rate: float
-    cpm: float
-
-
-def demo_combinations(ids: dict[str, list[int]]) -> list[Combination]:
-    """Every combination, in the order of its index (the last dimension varies fastest), worked
-    out once per run so that generating a row is a lookup and a few random draws."""
-    axes = [list(zip(ids[name], DEMO_VALUES[name].items(), strict=True)) for name in DEMO_VALUES]
-    combinations = []
-    for picks in product(*axes):
-        (_, (platform, _)), (_, (placement, _)) = picks[PLATFORM_AXIS], picks[PLACEMENT_AXIS]
-        combinations.append(
-            Combination(
-                keys=",".join(str(row_id) for row_id, _ in picks),
-                weight=prod(weight for _, (_, weight) in picks),
-                click_rate=PLACEMENT_CTR[placement],
-                like_rate=PLATFORM_LIKE_RATE[platform],
-                cpm=PLATFORM_CPM[platform],
-            )
-        )
-    return combinations
+    ids: npt.NDArray[np.int64]  # (COMBINATIONS, dimensions), the fact's key order
+    weight: npt.NDArray[np.float64]
+    click_rate: npt.NDArray[np.float64]
+    like_rate: npt.NDArray[np.float64]
+    cpm: npt.NDArray[np.float64]
 
 
-def demo_day(day: date, rows: int, seed: int, combinations: list[Combination]) -> str:
-    """CSV lines (FACT_COLUMNS) of one day: `rows` distinct combinations, the same for the same
-    day, size and seed. Clicks never exceed impressions, nor conversions clicks."""
-    rng = random.Random(f"{seed}:{day.isoformat()}")  # noqa: S311 - reproducible, not secret
+def demo_combinations(ids: dict[str, list[int]]) -> Combinations:
+    """Every combination of the demo values, given each value's id (DEMO_VALUES order)."""
+    grid = np.indices([len(values) for values in DEMO_VALUES.values()]).reshape(
+        len(DEMO_VALUES), -1
+    )
+    names = list(DEMO_VALUES)
+
+    def per_combination(axis: int, values: Iterable[float]) -> npt.NDArray[np.float64]:
+        by_value = np.array(list(values), dtype=np.float64)
+        spread: npt.NDArray[np.float64] = by_value[grid[axis]]
+        return spread
+
+    weight = np.ones(COMBINATIONS)
+    for axis, name in enumerate(names):
+        weight *= per_combination(axis, DEMO_VALUES[name].values())
+    platforms, placements = DEMO_VALUES["platform"], DEMO_VALUES["placement"]
+    return Combinations(
+        ids=np.stack(
+            [np.array(ids[name], dtype=np.int64)[grid[axis]] for axis, name in enumerate(names)],
+            axis=1,
+        ),
+        weight=weight,
+        click_rate=per_combination(PLACEMENT_AXIS, (PLACEMENT_CTR[p] for p in placements)),
+        like_rate=per_combination(PLATFORM_AXIS, (PLATFORM_LIKE_RATE[p] for p in platforms)),
+        cpm=per_combination(PLATFORM_AXIS, (PLATFORM_CPM[p] for p in platforms)),
+    )
+
+
+def demo_day(
+    day: date, rows: int, seed: int, combinations: Combinations
+) -> list[npt.NDArray[np.int64]]:
+    """The columns (FACT_COLUMNS, cost in cents) of one day: `rows` distinct combinations, the
+    same for the same day, size and seed. Clicks never exceed impressions, nor conversions
+    clicks."""
+    rng = np.random.default_rng([seed, date_id_of(day)])
+    index = np.sort(rng.choice(COMBINATIONS, size=rows, replace=False))
     weekday_factor = 0.85 if day.weekday() >= 5 else 1.0
-    date_id = date_id_of(day)
-    lines = []
-    for index in sorted(rng.sample(range(COMBINATIONS), rows)):
-        combination = combinations[index]
-        weight = weekday_factor * combination.weight
-        impressions = int(BASE_IMPRESSIONS * weight * rng.lognormvariate(0, 0.6)) + 1
-        clicks = int(impressions * combination.click_rate * rng.uniform(0.5, 1.5))
-        conversions = int(clicks * rng.uniform(0.01, 0.12))
-        likes = int(impressions * combination.like_rate * rng.random())
-        cents = int(impressions * combination.cpm * rng.uniform(0.7, 1.3) / 10)
-        lines.append(
-            f"{date_id},{combination.keys},{impressions},{clicks},"
-            f"{cents // 100}.{cents % 100:02d},{conversions},{likes}\n"
-        )
-    return "".join(lines)
+    weight = weekday_factor * combinations.weight[index]
+    impressions = (BASE_IMPRESSIONS * weight * rng.lognormal(0, 0.6, rows)).astype(np.int64) + 1
+    clicks = (impressions * combinations.click_rate[index] * rng.uniform(0.5, 1.5, rows)).astype(
+        np.int64
+    )
+    conversions = (clicks * rng.uniform(0.01, 0.12, rows)).astype(np.int64)
+    likes = (impressions * combinations.like_rate[index] * rng.random(rows)).astype(np.int64)
+    cents = (impressions * combinations.cpm[index] * rng.uniform(0.7, 1.3, rows) / 10).astype(
+        np.int64
+    )
+    date_ids = np.full(rows, date_id_of(day), dtype=np.int64)
+    keys = combinations.ids[index]
+    return [date_ids, *keys.T, impressions, clicks, cents, conversions, likes]
 
 
 @dataclass
