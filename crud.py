@@ -611,17 +611,19 @@ async def replace_cube_rows(
         session,
         monthly_cube.delete().where(monthly_cube.c.month_id.between(first_month, last_month)),
     )
-    driver = await _driver(session)
-    for table, data in (("cube_daily", daily), ("cube_monthly", monthly)):
-        await driver.copy_to_table(table, source=io.BytesIO(data), format="binary")
+    await copy_binary(session, "cube_daily", daily)
+    await copy_binary(session, "cube_monthly", monthly)
 
 
 async def copy_binary(
-    session: AsyncSession, table: str, columns: Sequence[str], source: AsyncIterable[bytes]
+    session: AsyncSession, table: str, data: bytes, columns: Sequence[str] | None = None
 ) -> None:
-    """PostgreSQL binary COPY into `table`, on the session's connection and transaction."""
+    """A binary COPY into `table`, on the session's connection and transaction."""
     driver = await _driver(session)
-    await driver.copy_to_table(table, source=source, columns=list(columns), format="binary")
+    await driver.copy_to_table(
+        table, source=io.BytesIO(data), columns=None if columns is None else list(columns),
+        format="binary",
+    )  # fmt: skip
 
 
 async def copy_rows(

@@ -252,11 +252,16 @@ MONTHLY_FIELDS = (">i2", ">i4", *(">i4",) * len(DIMENSIONS), *(">i8",) * len(MEA
 def cube_copies(fact_cells: bytes, fields: Sequence[str]) -> tuple[bytes, bytes]:
     """From a binary COPY of facts (date_id, the six dimension ids, the measures with cost in
     cents; of these `fields`), binary COPYs of their daily and monthly cube rows."""
-    columns = read_copy(fact_cells, fields)
+    return cube_copies_of(read_copy(fact_cells, fields))
+
+
+def cube_copies_of(columns: Sequence[Array]) -> tuple[bytes, bytes]:
+    """Binary COPYs of the daily and monthly cube rows of facts given as columns (date_id, the
+    six dimension ids, the measures with cost in cents)."""
+    if len(columns[0]) == 0:
+        return write_copy([], ()), write_copy([], ())
     period, dimensions = columns[0], np.stack(columns[1 : 1 + len(DIMENSIONS)], axis=1)
     measures = np.stack(columns[1 + len(DIMENSIONS) :], axis=1)
-    if len(period) == 0:
-        return write_copy([], ()), write_copy([], ())
     daily, monthly = sum_cubes(facts_cells(period, dimensions, measures))
 
     def copy(cells: list[Cells], key_count: int, fields: Sequence[str]) -> bytes:

@@ -8,6 +8,7 @@ import io
 import time
 from collections.abc import (
     AsyncIterable,
+    AsyncIterator,
     Awaitable,
     Callable,
     Collection,
@@ -17,7 +18,9 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from itertools import groupby
 
+import numpy as np
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 import crud
@@ -225,6 +228,14 @@ def month_id_of(day: date) -> int:
     return day.year * 100 + day.month
 
 
+def day_of_month(month_id: int, day: int) -> date:
+    """A day of a month_id's month; month_id + 1 past December is the next January."""
+    year, month = divmod(month_id, 100)
+    if month == 13:
+        year, month = year + 1, 1
+    return date(year, month, day)
+
+
 def split_range(start: date, end: date) -> list[tuple[date, date, bool]]:
     """The range as (first, last, whole_months): the days before the first whole month, the
     whole months, the days after them; or all of it as days when it holds no whole month."""
@@ -353,36 +364,59 @@ Progress = Callable[[int], None]
 
 
 async def write_facts(
-    session: AsyncSession, days: Collection[date], write: Callable[[], Awaitable[int]], bulk: bool
+    session: AsyncSession,
+    days: Collection[date],
+    write: Callable[[], Awaitable[int]],
+    bulk: bool,
+    writes_cubes: bool = False,
 ) -> int:
     """The one way facts are written: the days in `dim_date`, the facts `write` writes (for a bulk
-    load with the foreign keys checked once), the cubes of those days' months summed again and fresh
-    planner statistics, committed together. Returns what `write` returns (facts written)."""
+    load with the foreign keys checked once), the cubes of those days' months summed again (by
+    `write` itself when `writes_cubes`, from the rows it writes) and fresh planner statistics,
+    committed together. Returns what `write` returns (facts written)."""
     await crud.ensure_dates(session, days)
     if bulk:
         async with crud.foreign_keys_checked_once(session):
             written = await write()
     else:
         written = await write()
-    await refresh_cubes(session, days)
+    if not writes_cubes:
+        await replace_cubes(session, _read_months(session, days))
     await crud.after_bulk_load(session)
     await session.commit()
     return written
 
 
-async def refresh_cubes(session: AsyncSession, days: Collection[date]) -> None:
-    """Sum the cubes' rows of the months of these days again from the facts, a month at a time
-    (memory holds one month of facts); each month is summed in a thread while the next one is
-    read, so the database and the summing overlap."""
-    summing: tuple[int, asyncio.Task[tuple[bytes, bytes]]] | None = None
+# A month's facts as the cubes are summed from them: a binary COPY of crud.FACT_CELLS, or
+# columns (date_id, the dimension ids, the measures with cost in cents).
+MonthFacts = tuple[int, bytes | list[cube.Array]]
+
+
+async def _read_months(session: AsyncSession, days: Collection[date]) -> AsyncIterator[MonthFacts]:
+    """The facts of the months of these days, a month at a time (memory holds one month)."""
     for month in sorted({month_id_of(day) for day in days}):
-        facts = await crud.read_fact_cells(session, month * 100 + 1, month * 100 + 31)
+        yield month, await crud.read_fact_cells(session, month * 100 + 1, month * 100 + 31)
+
+
+async def replace_cubes(session: AsyncSession, months: AsyncIterable[MonthFacts]) -> None:
+    """Replace the cubes' rows of each month by the sums of its facts. Each month is summed in a
+    thread while the next one is read or written, so the database and the summing overlap."""
+    summing: tuple[int, asyncio.Task[tuple[bytes, bytes]]] | None = None
+    async for month, facts in months:
         if summing is not None:
             await _replace_cube_rows(session, *summing)
-        task = asyncio.create_task(asyncio.to_thread(cube.cube_copies, facts, crud.FACT_CELL_TYPES))
-        summing = (month, task)
+        if isinstance(facts, bytes):
+            task = asyncio.to_thread(cube.cube_copies, facts, crud.FACT_CELL_TYPES)
+        else:
+            task = asyncio.to_thread(cube.cube_copies_of, facts)
+        summing = (month, asyncio.create_task(task))
     if summing is not None:
         await _replace_cube_rows(session, *summing)
+
+
+async def refresh_cubes(session: AsyncSession, days: Collection[date]) -> None:
+    """Sum the cubes' rows of the months of these days again from the facts."""
+    await replace_cubes(session, _read_months(session, days))
 
 
 async def _replace_cube_rows(
@@ -421,18 +455,30 @@ async def seed_facts(
     all_days = [first + timedelta(days=offset) for offset in range(days)]
     await crud.delete_facts(session, date_id_of(first), date_id_of(end))
 
-    async def rows() -> AsyncIterable[bytes]:
-        yield cube.COPY_SIGNATURE
-        for day in all_days:
-            yield cube.copy_rows(demo_day(day, rows_per_day, seed, combinations), FACT_FIELDS)
-            progress(rows_per_day)
-        yield cube.COPY_TRAILER
+    async def months() -> AsyncIterator[MonthFacts]:
+        """Each month's facts, loaded (one binary COPY a month) and handed on to be summed."""
+        for month, month_days in groupby(all_days, key=month_id_of):
+            columns = [demo_day(day, rows_per_day, seed, combinations) for day in month_days]
+            month_facts = [np.concatenate(column) for column in zip(*columns, strict=True)]
+            del columns  # memory holds a month of facts, once
+            await crud.copy_binary(
+                session,
+                "fact_ad_metrics_daily",
+                cube.write_copy(month_facts, FACT_FIELDS),
+                FACT_COLUMNS,
+            )
+            progress(len(month_facts[0]))
+            last_day = day_of_month(month + 1, 1) - timedelta(days=1)
+            if first <= day_of_month(month, 1) and last_day <= end:
+                yield month, month_facts
+            else:  # the month has days the seed does not write, and may have facts on them
+                yield month, await crud.read_fact_cells(session, month * 100 + 1, month * 100 + 31)
 
-    async def copy() -> int:
-        await crud.copy_binary(session, "fact_ad_metrics_daily", FACT_COLUMNS, rows())
+    async def write() -> int:
+        await replace_cubes(session, months())
         return days * rows_per_day
 
-    return await write_facts(session, all_days, copy, bulk=True)
+    return await write_facts(session, all_days, write, bulk=True, writes_cubes=True)
 
 
 @dataclass

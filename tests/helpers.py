@@ -275,3 +275,31 @@ async def plain_sql(
         ]
         rows.append({**groups, **expected_metrics(facts)})
     return rows
+
+
+async def assert_cubes_hold_the_facts_sums(session: AsyncSession) -> None:
+    """Every row of both cubes equals the facts' sums for its set, worked out in plain SQL (a set
+    of dimensions is a bit mask over the fact's key columns; its ids fill k1, k2, ... in order)."""
+    columns = ["region_id", "age_id", "gender_id", "platform_id", "placement_id", "device_type_id"]
+    sums = "sum(impressions), sum(clicks), sum(cost) * 100, sum(conversions), sum(likes)"
+    for table, period, period_sql, key_count, most in (
+        ("cube_daily", "date_id", "date_id", 3, 3),
+        ("cube_monthly", "month_id", "date_id / 100", 6, 6),
+    ):
+        selects = []
+        for mask in range(64):
+            kept = [c for bit, c in enumerate(columns) if mask >> bit & 1]
+            if len(kept) <= most:
+                keys = ", ".join([str(mask), period_sql, *kept, *["0"] * (key_count - len(kept))])
+                grouped = ", ".join([period_sql, *kept])
+                selects.append(
+                    f"SELECT {keys}, {sums} FROM fact_ad_metrics_daily GROUP BY {grouped}"
+                )
+        expected = " UNION ALL ".join(selects)
+        cube_keys = ", ".join(["set_id", period, *(f"k{n + 1}" for n in range(key_count))])
+        actual = (
+            f"SELECT {cube_keys}, impressions, clicks, cost_cents, conversions, likes FROM {table}"
+        )
+        for first, second in ((expected, actual), (actual, expected)):
+            differ = await sql(session, f"SELECT count(*) FROM ({first} EXCEPT ALL ({second})) d")
+            assert differ.scalar_one() == 0, table

@@ -25,7 +25,7 @@ from models import (
     dimension_mask,
 )
 from settings import Settings
-from tests.helpers import checksum, plain_sql, run_cli, sql
+from tests.helpers import assert_cubes_hold_the_facts_sums, checksum, plain_sql, run_cli, sql
 
 END = date(2026, 11, 10)
 # 75 days: the end of August, all of September and October, ten days of November.
@@ -186,29 +186,7 @@ async def test_every_source_gives_the_facts_answer(
 
 @pytest.mark.usefixtures("season")
 async def test_the_cubes_hold_exactly_the_sums_plain_sql_gives(session: AsyncSession) -> None:
-    columns = [DIMENSIONS[name].id_column for name in DIMENSIONS]
-    sums = "sum(impressions), sum(clicks), sum(cost) * 100, sum(conversions), sum(likes)"
-    for table, period, period_sql, key_count in (
-        ("cube_daily", "date_id", "date_id", CUBE_MAX_DIMENSIONS),
-        ("cube_monthly", "month_id", "date_id / 100", len(columns)),
-    ):
-        selects = []
-        for mask in range(64):
-            kept = [c for bit, c in enumerate(columns) if mask >> bit & 1]
-            if len(kept) <= key_count:
-                keys = ", ".join([str(mask), period_sql, *kept, *["0"] * (key_count - len(kept))])
-                grouped = ", ".join([period_sql, *kept])
-                selects.append(
-                    f"SELECT {keys}, {sums} FROM fact_ad_metrics_daily GROUP BY {grouped}"
-                )
-        expected = " UNION ALL ".join(selects)
-        cube_keys = ", ".join(["set_id", period, *(f"k{n + 1}" for n in range(key_count))])
-        actual = (
-            f"SELECT {cube_keys}, impressions, clicks, cost_cents, conversions, likes FROM {table}"
-        )
-        for first, second in ((expected, actual), (actual, expected)):
-            differ = await sql(session, f"SELECT count(*) FROM ({first} EXCEPT ALL ({second})) d")
-            assert differ.scalar_one() == 0, table
+    await assert_cubes_hold_the_facts_sums(session)
 
 
 def test_the_planner_reads_whole_months_from_the_monthly_cube() -> None:
@@ -280,7 +258,7 @@ async def test_a_load_inside_the_range_keeps_every_answer_exact(
             await assert_answers_equal_plain_sql(
                 client, session, group_by, filters, date(2026, 8, 28), END
             )
-    await test_the_cubes_hold_exactly_the_sums_plain_sql_gives(session)
+    await assert_cubes_hold_the_facts_sums(session)
 
 
 @pytest.mark.usefixtures("season")
@@ -306,3 +284,45 @@ async def test_a_filter_naming_every_value_still_leaves_out_a_value_added_since(
     LAST_SEEDED.clear()  # the season is changed
     await assert_answers_equal_plain_sql(client, session, ["platform"], every, start, END)
     await assert_answers_equal_plain_sql(client, session, ["platform"], {}, start, END)
+
+
+@pytest.mark.usefixtures("season")
+async def test_a_load_whose_month_would_overflow_the_cubes_writes_nothing(
+    settings: Settings, session: AsyncSession, tmp_path: Path
+) -> None:
+    header = "date,region,age_group,gender,platform,placement,device_type,impressions,clicks,cost,conversions,likes"  # noqa: E501
+    largest = 2**63 - 1
+    lines = [
+        f"2026-09-15,Germany,18-24,female,facebook,feed,mobile,{largest},0,0,0,0",
+        f"2026-09-16,Germany,18-24,female,facebook,feed,mobile,{largest},0,0,0,0",
+    ]
+    path = tmp_path / "metrics.csv"
+    path.write_text("\n".join([header, *lines]) + "\n")
+    before = await checksum(session)
+    result = run_cli(settings, "load-metrics", str(path))
+    assert result.returncode == 1
+    assert "was not loaded; nothing was written" in result.stderr
+    assert "largest 64-bit integer" in result.stderr
+    assert await checksum(session) == before
+
+
+@pytest.mark.usefixtures("season")
+async def test_a_seed_keeps_the_facts_of_its_first_and_last_months_outside_its_days(
+    settings: Settings, session: AsyncSession, tmp_path: Path
+) -> None:
+    header = "date,region,age_group,gender,platform,placement,device_type,impressions,clicks,cost,conversions,likes"  # noqa: E501
+    lines = [
+        "2026-08-27,Germany,18-24,female,facebook,feed,mobile,500,5,0.50,1,1",  # the day before
+        "2026-11-20,France,18-24,female,facebook,feed,mobile,700,7,0.70,1,1",  # after its end
+    ]
+    path = tmp_path / "metrics.csv"
+    path.write_text("\n".join([header, *lines]) + "\n")
+    assert run_cli(settings, "load-metrics", str(path)).returncode == 0
+    LAST_SEEDED.clear()  # the season is changed
+    result = run_cli(settings, *SEASON)  # writes 2026-08-28 to 2026-11-10 again
+    assert result.returncode == 0, result.stderr
+    facts = await sql(
+        session, "SELECT count(*) FROM fact_ad_metrics_daily WHERE date_id IN (20260827, 20261120)"
+    )
+    assert facts.scalar_one() == 2
+    await assert_cubes_hold_the_facts_sums(session)
