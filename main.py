@@ -50,6 +50,7 @@ from auth import (
 )
 from backoff import Backoff
 from db import (
+    ANALYTICS_SETTINGS,
     ConnectionDep,
     ListingConnectionDep,
     MetricsConnectionDep,
@@ -187,6 +188,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         "pets-api-metrics",
         settings.METRICS_STATEMENT_TIMEOUT_MS,
         pool_size=settings.METRICS_MAX_CONCURRENT,
+        server_settings=ANALYTICS_SETTINGS,
     )
     app.state.metrics_engine = autocommit(metrics_engine)
     app.state.metrics_turns = Turns(

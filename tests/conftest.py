@@ -60,8 +60,10 @@ async def _claim_empty_redis_database() -> str:
         url = make_url(REDIS_SERVER_URL).set(database=str(number)).render_as_string(False)
         client = Redis.from_url(url)
         try:
-            if await client.dbsize() == 0:
-                await client.set("pets:test-run", "claimed", ex=3600)
+            # Claimed atomically: parallel test processes never share a database.
+            if await client.dbsize() == 0 and await client.set(
+                "pets:test-run", "claimed", ex=3600, nx=True
+            ):
                 return url
         finally:
             await client.aclose()

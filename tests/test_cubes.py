@@ -74,6 +74,22 @@ async def season(settings: Settings, session: AsyncSession, app: FastAPI) -> Any
     app.dependency_overrides.pop(utc_today)
 
 
+@pytest.fixture
+async def changed_season(settings: Settings, session: AsyncSession, app: FastAPI) -> Any:
+    """Season-like data for a test that changes it anyway: the season unless facts are there
+    (an earlier such test's changes); answers are compared with plain SQL on whatever is there."""
+    facts = await sql(session, "SELECT count(*) FROM fact_ad_metrics_daily")
+    if facts.scalar_one() == 0:
+        result = run_cli(settings, *SEASON)
+        assert result.returncode == 0, result.stderr
+    await session.commit()
+    LAST_SEEDED.clear()  # the season is changed
+    app.state.dimension_names = metrics.NameCache()
+    app.dependency_overrides[utc_today] = lambda: END
+    yield
+    app.dependency_overrides.pop(utc_today)
+
+
 async def assert_answers_equal_plain_sql(
     client: httpx.AsyncClient,
     session: AsyncSession,
@@ -107,11 +123,12 @@ ZERO_TOTALS = {
 }  # fmt: skip
 
 
-# Every group_by with every filter over the range with partial months at both ends; the other
+# Every group_by over the range with partial months at both ends, filtered on the daily cube's
+# keys and on the facts' (every filter against the facts' answer in the next test); the other
 # ranges with every group_by.
 QUESTIONS = [
-    *((group_by, filters, *RANGES[0]) for group_by in GROUPS for filters in FILTERS),
-    *((group_by, FILTERS[1], *span) for group_by in GROUPS for span in RANGES[1:]),
+    *((group_by, filters, *RANGES[0]) for group_by in GROUPS for filters in FILTERS[1::2]),
+    *((group_by, FILTERS[4], *span) for group_by in GROUPS for span in RANGES[1:]),
 ]
 
 
@@ -171,7 +188,7 @@ async def test_every_source_gives_the_facts_answer(
     plan = await plan_of(session, group_by, filters)
     from_facts = await crud.query_metrics(session, replace(plan, parts=whole("facts")))
     assert from_facts.total_rows > 0
-    sources = [whole("fact_probes", depth) for depth in (0, 1, 4, 6)]
+    sources = [whole("fact_probes", depth) for depth in (2, 6)]
     small = plan.set_mask.bit_count() <= CUBE_MAX_DIMENSIONS
     if small:
         sources.append(whole("daily"))
@@ -235,7 +252,7 @@ def test_the_planner_reads_days_from_the_smallest_source() -> None:
     assert metrics.day_source({"device_type": [1]}, sizes, four | 32) == ("facts", 0)
 
 
-@pytest.mark.usefixtures("season")
+@pytest.mark.usefixtures("changed_season")
 async def test_a_load_inside_the_range_keeps_every_answer_exact(
     settings: Settings, client: httpx.AsyncClient, session: AsyncSession, tmp_path: Path
 ) -> None:
@@ -261,7 +278,7 @@ async def test_a_load_inside_the_range_keeps_every_answer_exact(
     await assert_cubes_hold_the_facts_sums(session)
 
 
-@pytest.mark.usefixtures("season")
+@pytest.mark.usefixtures("changed_season")
 async def test_a_filter_naming_every_value_still_leaves_out_a_value_added_since(
     client: httpx.AsyncClient, session: AsyncSession
 ) -> None:
@@ -281,12 +298,11 @@ async def test_a_filter_naming_every_value_still_leaves_out_a_value_added_since(
     )
     await metrics.refresh_cubes(session, [date(2026, 9, 15)])
     await session.commit()
-    LAST_SEEDED.clear()  # the season is changed
     await assert_answers_equal_plain_sql(client, session, ["platform"], every, start, END)
     await assert_answers_equal_plain_sql(client, session, ["platform"], {}, start, END)
 
 
-@pytest.mark.usefixtures("season")
+@pytest.mark.usefixtures("changed_season")
 async def test_a_load_whose_month_would_overflow_the_cubes_writes_nothing(
     settings: Settings, session: AsyncSession, tmp_path: Path
 ) -> None:
@@ -306,7 +322,7 @@ async def test_a_load_whose_month_would_overflow_the_cubes_writes_nothing(
     assert await checksum(session) == before
 
 
-@pytest.mark.usefixtures("season")
+@pytest.mark.usefixtures("changed_season")
 async def test_a_seed_keeps_the_facts_of_its_first_and_last_months_outside_its_days(
     settings: Settings, session: AsyncSession, tmp_path: Path
 ) -> None:
@@ -318,7 +334,6 @@ async def test_a_seed_keeps_the_facts_of_its_first_and_last_months_outside_its_d
     path = tmp_path / "metrics.csv"
     path.write_text("\n".join([header, *lines]) + "\n")
     assert run_cli(settings, "load-metrics", str(path)).returncode == 0
-    LAST_SEEDED.clear()  # the season is changed
     result = run_cli(settings, *SEASON)  # writes 2026-08-28 to 2026-11-10 again
     assert result.returncode == 0, result.stderr
     facts = await sql(

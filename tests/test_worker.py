@@ -376,7 +376,8 @@ async def test_worker_rides_out_a_database_outage(
         process.wait_for_output("database unavailable", stream="stderr")
         postgres.start()
         process.wait_for_output("database is reachable again", stream="stderr")
-        process.wait_for_output("No pets in the directory yet.", count=2)
+        process.wait_for_output("==== end of report ====", count=2)  # the whole second report
+        assert process.stdout().count("No pets in the directory yet.") == 2
         assert only_reports(process.stdout())
         assert process.stop() == 0
     finally:
