@@ -426,6 +426,8 @@ def _metrics_statement(shape: _MetricsShape) -> Select[Any]:
     for group in shape.group_by:
         if group == "date":
             groups.append(day.label(group))
+        elif group == "day_of_week":
+            groups.append(cast(func.extract("isodow", day), Integer).label(group))
         elif group in TIME_GROUPS:
             groups.append(cast(func.date_trunc(group, day), Date).label(group))
         else:

@@ -37,6 +37,7 @@ from metrics_data import (
 )
 from models import (
     CUBE_MAX_DIMENSIONS,
+    DAY_GROUPS,
     DIMENSIONS,
     METRICS,
     Dimension,
@@ -59,18 +60,48 @@ BULK_ROWS = 100_000
 # --- the range and the rules between parameters ------------------------------------------------
 
 
+def _quarter_start(day: date) -> date:
+    return day.replace(month=(day.month - 1) // 3 * 3 + 1, day=1)
+
+
+def _month_before(day: date) -> date:
+    """The first day of the month before `day`'s."""
+    return (day.replace(day=1) - timedelta(days=1)).replace(day=1)
+
+
+def _days_ending(count: int) -> Callable[[date], tuple[date, date]]:
+    return lambda today: (today - timedelta(days=count - 1), today)
+
+
+# Each preset's range, inclusive, from today (UTC). Weeks start on Monday, as ISO's do.
+PRESETS: dict[str, Callable[[date], tuple[date, date]]] = {
+    "yesterday": lambda today: (today - timedelta(days=1), today - timedelta(days=1)),
+    "last_7d": _days_ending(7),
+    "last_14d": _days_ending(14),
+    "last_30d": _days_ending(30),
+    "last_90d": _days_ending(90),
+    "this_week": lambda today: (today - timedelta(days=today.weekday()), today),
+    "last_week": lambda today: (
+        today - timedelta(days=today.weekday() + 7),
+        today - timedelta(days=today.weekday() + 1),
+    ),
+    "this_month": lambda today: (today.replace(day=1), today),
+    "last_month": lambda today: (_month_before(today), today.replace(day=1) - timedelta(days=1)),
+    "this_quarter": lambda today: (_quarter_start(today), today),
+    "last_quarter": lambda today: (
+        _quarter_start(_quarter_start(today) - timedelta(days=1)),
+        _quarter_start(today) - timedelta(days=1),
+    ),
+    "this_year": lambda today: (today.replace(month=1, day=1), today),
+    "last_year": lambda today: (date(today.year - 1, 1, 1), date(today.year - 1, 12, 31)),
+}
+
+
 def date_range(query: MetricsQuery, today: date) -> tuple[date, date]:
     """The inclusive range asked for: the dates, else the preset (default last_30d)."""
     if query.start_date is not None and query.end_date is not None:
         return query.start_date, query.end_date
-    preset = query.preset or "last_30d"
-    if preset == "this_month":
-        return today.replace(day=1), today
-    if preset == "last_month":
-        last_day = today.replace(day=1) - timedelta(days=1)
-        return last_day.replace(day=1), last_day
-    days = {"last_7d": 7, "last_30d": 30, "last_90d": 90}[preset]
-    return today - timedelta(days=days - 1), today
+    return PRESETS[query.preset or "last_30d"](today)
 
 
 def rule_problems(query: MetricsQuery, today: date, max_span_days: int) -> list[ErrorItem]:
@@ -286,9 +317,9 @@ def plan_parts(
     start: date, end: date, group_by: Collection[str], days_from: DaySource
 ) -> tuple[MetricsPart, ...]:
     """Where each part of the range is read from: whole months from the monthly cube (unless the
-    question is grouped by day or week), the other days from `days_from`."""
+    question is grouped by date, week or day of the week), the other days from `days_from`."""
     source, depth = days_from
-    if {"date", "week"} & set(group_by):
+    if set(DAY_GROUPS) & set(group_by):
         return (MetricsPart(source, date_id_of(start), date_id_of(end), depth),)
     return tuple(
         MetricsPart("monthly", month_id_of(first), month_id_of(last))

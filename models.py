@@ -435,7 +435,9 @@ def dimensions_of(mask: int) -> tuple[str, ...]:
     return tuple(name for bit, name in enumerate(DIMENSIONS) if mask >> bit & 1)
 
 
-TIME_GROUPS = ("date", "week", "month")
+TIME_GROUPS = ("date", "week", "month", "quarter", "year", "day_of_week")
+# The time groups a month's sums cannot answer: they need the days.
+DAY_GROUPS = ("date", "week", "day_of_week")
 MEASURES = ("impressions", "clicks", "cost", "conversions", "likes")
 RATIOS = ("ctr", "cpc", "cpm", "cpa", "cvr")
 METRICS = MEASURES + RATIOS
@@ -472,16 +474,21 @@ class MetricsPlan:
 
 
 GroupBy = Literal[
-    "date", "week", "month", "region", "age_group", "gender", "platform", "placement", "device_type"
-]
-MetricsSort = Literal[
-    "date", "week", "month", "region", "age_group", "gender", "platform", "placement",
-    "device_type", "impressions", "clicks", "cost", "conversions", "likes", "ctr", "cpc", "cpm",
-    "cpa", "cvr", "-date", "-week", "-month", "-region", "-age_group", "-gender", "-platform",
-    "-placement", "-device_type", "-impressions", "-clicks", "-cost", "-conversions", "-likes",
-    "-ctr", "-cpc", "-cpm", "-cpa", "-cvr",
+    "date", "week", "month", "quarter", "year", "day_of_week", "region", "age_group", "gender",
+    "platform", "placement", "device_type",
 ]  # fmt: skip
-MetricsPreset = Literal["last_7d", "last_30d", "last_90d", "this_month", "last_month"]
+MetricsSort = Literal[
+    "date", "week", "month", "quarter", "year", "day_of_week", "region", "age_group", "gender",
+    "platform", "placement", "device_type", "impressions", "clicks", "cost", "conversions",
+    "likes", "ctr", "cpc", "cpm", "cpa", "cvr", "-date", "-week", "-month", "-quarter", "-year",
+    "-day_of_week", "-region", "-age_group", "-gender", "-platform", "-placement",
+    "-device_type", "-impressions", "-clicks", "-cost", "-conversions", "-likes", "-ctr", "-cpc",
+    "-cpm", "-cpa", "-cvr",
+]  # fmt: skip
+MetricsPreset = Literal[
+    "yesterday", "last_7d", "last_14d", "last_30d", "last_90d", "this_week", "last_week",
+    "this_month", "last_month", "this_quarter", "last_quarter", "this_year", "last_year",
+]  # fmt: skip
 FilterValues = Annotated[list[DimensionName], Field(max_length=100)]
 # Repeats are rejected (MetricsQuery.rule_problems); uniqueItems says so in the OpenAPI document.
 GroupByList = Annotated[list[GroupBy], PydanticField(json_schema_extra={"uniqueItems": True})]
@@ -502,8 +509,11 @@ class MetricsQuery(SQLModel):
     )
     preset: MetricsPreset | None = Field(
         default=None,
-        description="A named range ending today (UTC); instead of start_date/end_date. "
-        "Without either, last_30d.",
+        description="A named range, from today (UTC); instead of start_date/end_date. "
+        "`yesterday`; `last_7d`, `last_14d`, `last_30d`, `last_90d`: that many days ending "
+        "today; `this_week` (from Monday), `this_month`, `this_quarter`, `this_year`: from "
+        "their first day to today; `last_week` (Monday to Sunday), `last_month`, "
+        "`last_quarter`, `last_year`: the whole one before. Without either, last_30d.",
     )
     region: FilterValues = Field(default_factory=list)
     age_group: FilterValues = Field(default_factory=list)
@@ -580,6 +590,13 @@ class MetricGroups(SQLModel):
     date: date_type = Field(default=None, description="Day (group_by=date).")
     week: date_type = Field(default=None, description="Monday of the ISO week (group_by=week).")
     month: date_type = Field(default=None, description="First day of the month (group_by=month).")
+    quarter: date_type = Field(
+        default=None, description="First day of the quarter (group_by=quarter)."
+    )
+    year: date_type = Field(default=None, description="1 January of the year (group_by=year).")
+    day_of_week: int = Field(
+        default=None, ge=1, le=7, description="ISO day of the week, 1 Monday to 7 Sunday."
+    )
     region: str = Field(default=None)
     age_group: str = Field(default=None)
     gender: str = Field(default=None)

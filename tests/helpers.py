@@ -10,6 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import date
 from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -222,6 +223,10 @@ async def checksum(session: AsyncSession) -> dict[str, Any]:
 GROUP_SQL = {
     "date": "d.date_value",
     "week": "CAST(date_trunc('week', d.date_value) AS date)",
+    "quarter": "make_date(extract(year FROM d.date_value)::int,"
+    " (extract(quarter FROM d.date_value)::int - 1) * 3 + 1, 1)",
+    "year": "make_date(extract(year FROM d.date_value)::int, 1, 1)",
+    "day_of_week": "extract(isodow FROM d.date_value)::int",
     "month": "CAST(date_trunc('month', d.date_value) AS date)",
     "region": "r.region_name",
     "age_group": "a.age_range",
@@ -265,7 +270,8 @@ async def plain_sql(
         if record["impressions"] is None:
             continue
         groups = {
-            g: str(record[g]) if g in ("date", "week", "month") else record[g] for g in group_by
+            g: str(record[g]) if g in ("date", "week", "month", "quarter", "year") else record[g]
+            for g in group_by
         }
         facts = [
             {
@@ -303,3 +309,13 @@ async def assert_cubes_hold_the_facts_sums(session: AsyncSession) -> None:
         for first, second in ((expected, actual), (actual, expected)):
             differ = await sql(session, f"SELECT count(*) FROM ({first} EXCEPT ALL ({second})) d")
             assert differ.scalar_one() == 0, table
+
+
+# A load-metrics file.
+HEADER = "date,region,age_group,gender,platform,placement,device_type,impressions,clicks,cost,conversions,likes\n"  # noqa: E501
+
+
+def write_csv(tmp_path: Path, *lines: str, header: str = HEADER) -> Path:
+    path = tmp_path / "metrics.csv"
+    path.write_text(header + "".join(f"{line}\n" for line in lines))
+    return path

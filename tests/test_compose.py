@@ -280,6 +280,12 @@ def test_the_stack_runs_as_compose_states_it(stack_database: str, tmp_path: Path
     assert not [s for s in statuses if s[2].startswith("5")], statuses
     unauthorized = [(method, path) for method, path, status in statuses if status == "401"]
     assert unauthorized == [("DELETE", "/pets/2")], "only the README's deliberate 401"
+    refused = [(method, path) for method, path, status in statuses if status == "422"]
+    deliberate = [
+        ("POST", "/pets"),
+        ("GET", "/metrics?region=Atlantis&group_by=platform&sort=region"),
+    ]
+    assert refused == deliberate, "only the README's deliberate 422s"
     # uvicorn ends a graceful shutdown by re-raising SIGTERM, as docker stop expects.
     assert api_exit in (0, -15)
     assert "Finished server process" in api_log.read_text()

@@ -18,6 +18,7 @@ import metrics
 from main import utc_today
 from models import (
     CUBE_MAX_DIMENSIONS,
+    DAY_GROUPS,
     DIMENSIONS,
     MetricsPart,
     MetricsPlan,
@@ -25,7 +26,14 @@ from models import (
     dimension_mask,
 )
 from settings import Settings
-from tests.helpers import assert_cubes_hold_the_facts_sums, checksum, plain_sql, run_cli, sql
+from tests.helpers import (
+    assert_cubes_hold_the_facts_sums,
+    checksum,
+    plain_sql,
+    run_cli,
+    sql,
+    write_csv,
+)
 
 END = date(2026, 11, 10)
 # 75 days: the end of August, all of September and October, ten days of November.
@@ -33,7 +41,10 @@ SEASON = ("seed-metrics", "--days", "75", "--rows-per-day", "120", "--end-date",
 LAST_SEEDED: dict[str, Any] = {}
 
 GROUPS = [
-    [], ["date"], ["week"], ["month"], *([name] for name in DIMENSIONS),
+    [], ["date"], ["week"], ["month"], ["quarter"], ["year"], ["day_of_week"],
+    *([name] for name in DIMENSIONS),
+    ["quarter", "region"],  # whole months answer quarters and years
+    ["day_of_week", "platform", "gender"],  # days of the week need the days
     ["month", "platform", "device_type"],  # three dimensions: the daily cube
     ["region", "age_group", "placement"],
     ["date", "region", "device_type"],
@@ -192,7 +203,7 @@ async def test_every_source_gives_the_facts_answer(
     small = plan.set_mask.bit_count() <= CUBE_MAX_DIMENSIONS
     if small:
         sources.append(whole("daily"))
-    if not {"date", "week"} & set(group_by):  # a month's row stands for its first day
+    if not set(DAY_GROUPS) & set(group_by):  # a month's row stands for its first day
         head = MetricsPart("daily" if small else "fact_probes", 20260828, 20260831, 2)
         months = MetricsPart("monthly", 202609, 202610)
         sources.append((head, months, MetricsPart("facts", 20261101, 20261110)))
@@ -256,14 +267,12 @@ def test_the_planner_reads_days_from_the_smallest_source() -> None:
 async def test_a_load_inside_the_range_keeps_every_answer_exact(
     settings: Settings, client: httpx.AsyncClient, session: AsyncSession, tmp_path: Path
 ) -> None:
-    header = "date,region,age_group,gender,platform,placement,device_type,impressions,clicks,cost,conversions,likes"  # noqa: E501
     lines = [
         "2026-09-15,Germany,18-24,female,facebook,feed,mobile,100000,10,1.50,1,2",  # whole month
         "2026-09-15,Atlantis,18-24,female,facebook,feed,mobile,5000,50,7.25,5,0",  # a new region
         "2026-11-05,France,65+,male,instagram,reels,tablet,7,7,0.07,0,1",  # the partial month
     ]
-    path = tmp_path / "metrics.csv"
-    path.write_text("\n".join([header, *lines]) + "\n")
+    path = write_csv(tmp_path, *lines)
     result = run_cli(settings, "load-metrics", str(path))
     assert result.returncode == 0, result.stderr
     for group_by in (
@@ -306,14 +315,12 @@ async def test_a_filter_naming_every_value_still_leaves_out_a_value_added_since(
 async def test_a_load_whose_month_would_overflow_the_cubes_writes_nothing(
     settings: Settings, session: AsyncSession, tmp_path: Path
 ) -> None:
-    header = "date,region,age_group,gender,platform,placement,device_type,impressions,clicks,cost,conversions,likes"  # noqa: E501
     largest = 2**63 - 1
     lines = [
         f"2026-09-15,Germany,18-24,female,facebook,feed,mobile,{largest},0,0,0,0",
         f"2026-09-16,Germany,18-24,female,facebook,feed,mobile,{largest},0,0,0,0",
     ]
-    path = tmp_path / "metrics.csv"
-    path.write_text("\n".join([header, *lines]) + "\n")
+    path = write_csv(tmp_path, *lines)
     before = await checksum(session)
     result = run_cli(settings, "load-metrics", str(path))
     assert result.returncode == 1
@@ -326,13 +333,11 @@ async def test_a_load_whose_month_would_overflow_the_cubes_writes_nothing(
 async def test_a_seed_keeps_the_facts_of_its_first_and_last_months_outside_its_days(
     settings: Settings, session: AsyncSession, tmp_path: Path
 ) -> None:
-    header = "date,region,age_group,gender,platform,placement,device_type,impressions,clicks,cost,conversions,likes"  # noqa: E501
     lines = [
         "2026-08-27,Germany,18-24,female,facebook,feed,mobile,500,5,0.50,1,1",  # the day before
         "2026-11-20,France,18-24,female,facebook,feed,mobile,700,7,0.70,1,1",  # after its end
     ]
-    path = tmp_path / "metrics.csv"
-    path.write_text("\n".join([header, *lines]) + "\n")
+    path = write_csv(tmp_path, *lines)
     assert run_cli(settings, "load-metrics", str(path)).returncode == 0
     result = run_cli(settings, *SEASON)  # writes 2026-08-28 to 2026-11-10 again
     assert result.returncode == 0, result.stderr

@@ -13,7 +13,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 import crud
 import metrics
 from main import utc_today
-from models import DIMENSIONS, METRICS, TIME_GROUPS, GroupBy, MetricsSort
+from models import DIMENSIONS, METRICS, TIME_GROUPS, GroupBy, MetricsQuery, MetricsSort
 from tests.helpers import MEASURES, clear_metrics, expected_metrics, sql
 
 TODAY = date(2026, 11, 10)  # a Tuesday
@@ -43,21 +43,25 @@ def fact(row: tuple[Any, ...]) -> dict[str, Any]:
     return values
 
 
-def bucket(day: date, group: str) -> str:
+def bucket(day: date, group: str) -> str | int:
     if group == "week":
         return date.fromordinal(day.toordinal() - day.weekday()).isoformat()
     if group == "month":
         return day.replace(day=1).isoformat()
+    if group == "quarter":
+        return day.replace(month=(day.month - 1) // 3 * 3 + 1, day=1).isoformat()
+    if group == "year":
+        return day.replace(month=1, day=1).isoformat()
+    if group == "day_of_week":
+        return day.isoweekday()
     return day.isoformat()
 
 
 def expected_rows(group_by: list[str], facts: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows in the default order (time group, then the others as given)."""
-    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str | int, ...], list[dict[str, Any]]] = {}
     for f in facts:
-        key = tuple(
-            bucket(f["date"], g) if g in ("date", "week", "month") else f[g] for g in group_by
-        )
+        key = tuple(bucket(f["date"], g) if g in TIME_GROUPS else f[g] for g in group_by)
         groups.setdefault(key, []).append(f)
     ordered = sorted(
         groups, key=lambda key: [key[group_by.index(g)] for g in sorted_groups(group_by)]
@@ -69,7 +73,7 @@ def expected_rows(group_by: list[str], facts: list[dict[str, Any]]) -> list[dict
 
 
 def sorted_groups(group_by: list[str]) -> list[str]:
-    time = [g for g in ("date", "week", "month") if g in group_by]
+    time = [g for g in TIME_GROUPS if g in group_by]
     return time + [g for g in group_by if g not in time]
 
 
@@ -142,8 +146,12 @@ async def test_without_groups_one_row_of_totals_over_the_last_30_days(
         ["week"],
         ["month"],
         *([g] for g in GROUPS),
+        ["quarter"],
+        ["year"],
+        ["day_of_week"],
         ["platform", "week"],
         ["gender", "region", "date"],
+        ["day_of_week", "region", "quarter"],
     ],
 )
 async def test_each_group_by_sums_its_groups(
@@ -181,6 +189,14 @@ async def test_filters_match_names_case_insensitively_and_repeat(client: httpx.A
         ({"preset": "last_90d"}, ["2026-10-30", "2026-11-02", "2026-11-03", "2026-11-10"]),
         ({"preset": "this_month"}, ["2026-11-02", "2026-11-03", "2026-11-10"]),
         ({"preset": "last_month"}, ["2026-10-30"]),
+        ({"preset": "yesterday"}, []),
+        ({"preset": "last_14d"}, ["2026-10-30", "2026-11-02", "2026-11-03", "2026-11-10"]),
+        ({"preset": "this_week"}, ["2026-11-10"]),
+        ({"preset": "last_week"}, ["2026-11-02", "2026-11-03"]),
+        ({"preset": "this_quarter"}, ["2026-10-30", "2026-11-02", "2026-11-03", "2026-11-10"]),
+        ({"preset": "last_quarter"}, []),
+        ({"preset": "this_year"}, ["2026-10-30", "2026-11-02", "2026-11-03", "2026-11-10"]),
+        ({"preset": "last_year"}, []),
         ({"start_date": "2026-11-02", "end_date": "2026-11-03"}, ["2026-11-02", "2026-11-03"]),
         ({"start_date": "2026-10-31", "end_date": "2026-11-01"}, []),
     ],
@@ -191,6 +207,38 @@ async def test_presets_and_inclusive_ranges_pick_their_days(
     body = await get_metrics(client, group_by="date", **params)
     assert [row["date"] for row in body["rows"]] == dates
     assert body["totals"] == expected_metrics([f for f in ALL if f["date"].isoformat() in dates])
+
+
+# Worked out by hand from a calendar: a Tuesday, a New Year's Day (a Thursday), a leap March.
+PRESET_RANGES = {
+    "2026-11-10": {
+        "yesterday": ("2026-11-09", "2026-11-09"), "last_14d": ("2026-10-28", "2026-11-10"),
+        "this_week": ("2026-11-09", "2026-11-10"), "last_week": ("2026-11-02", "2026-11-08"),
+        "this_month": ("2026-11-01", "2026-11-10"), "last_month": ("2026-10-01", "2026-10-31"),
+        "this_quarter": ("2026-10-01", "2026-11-10"), "last_quarter": ("2026-07-01", "2026-09-30"),
+        "this_year": ("2026-01-01", "2026-11-10"), "last_year": ("2025-01-01", "2025-12-31"),
+    },
+    "2026-01-01": {
+        "yesterday": ("2025-12-31", "2025-12-31"), "last_7d": ("2025-12-26", "2026-01-01"),
+        "this_week": ("2025-12-29", "2026-01-01"), "last_week": ("2025-12-22", "2025-12-28"),
+        "this_month": ("2026-01-01", "2026-01-01"), "last_month": ("2025-12-01", "2025-12-31"),
+        "this_quarter": ("2026-01-01", "2026-01-01"), "last_quarter": ("2025-10-01", "2025-12-31"),
+        "this_year": ("2026-01-01", "2026-01-01"), "last_year": ("2025-01-01", "2025-12-31"),
+    },
+    "2024-03-01": {
+        "last_14d": ("2024-02-17", "2024-03-01"), "last_30d": ("2024-02-01", "2024-03-01"),
+        "last_month": ("2024-02-01", "2024-02-29"), "last_quarter": ("2023-10-01", "2023-12-31"),
+        "last_90d": ("2023-12-03", "2024-03-01"),
+    },
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("today", PRESET_RANGES)
+def test_every_preset_spans_the_days_a_calendar_gives(today: str) -> None:
+    for preset, (first, last) in PRESET_RANGES[today].items():
+        query = MetricsQuery.model_validate({"preset": preset})
+        expected = (date.fromisoformat(first), date.fromisoformat(last))
+        assert metrics.date_range(query, date.fromisoformat(today)) == expected, preset
 
 
 async def test_an_empty_match_is_200_with_no_rows_and_zero_totals(
@@ -282,7 +330,7 @@ async def test_csv_leaves_null_ratios_empty(client: httpx.AsyncClient) -> None:
             "preset",
             "not both",
         ),
-        ({"preset": "yesterday"}, "preset", "last_7d"),
+        ({"preset": "last_8d"}, "preset", "last_7d"),
         ({"region": "Atlantis"}, "region", "unknown region 'Atlantis'; allowed: North, South"),
         ({"group_by": "colour"}, "group_by", "device_type"),
         ({"group_by": ["date", "region", "date"]}, "group_by", "repeated group_by value(s): date"),

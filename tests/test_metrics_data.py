@@ -18,7 +18,7 @@ import metrics
 from main import utc_today
 from metrics_data import COMBINATIONS, DEMO_VALUES
 from settings import Settings
-from tests.helpers import checksum, clear_metrics, plain_sql, run_cli, sql
+from tests.helpers import HEADER, checksum, clear_metrics, plain_sql, run_cli, sql, write_csv
 
 END = date(2026, 11, 10)
 SEED_ARGS = ("seed-metrics", "--days", "20", "--rows-per-day", "300", "--end-date", END.isoformat())
@@ -138,14 +138,6 @@ async def test_answers_on_seeded_data_equal_plain_sql(
 
 
 # --- load-metrics ------------------------------------------------------------------------------
-
-HEADER = "date,region,age_group,gender,platform,placement,device_type,impressions,clicks,cost,conversions,likes\n"  # noqa: E501
-
-
-def write_csv(tmp_path: Path, *lines: str, header: str = HEADER) -> Path:
-    path = tmp_path / "metrics.csv"
-    path.write_text(header + "".join(f"{line}\n" for line in lines))
-    return path
 
 
 @pytest.mark.usefixtures("empty_metrics")
