@@ -313,11 +313,13 @@ def metrics_statement(plan: MetricsPlan) -> tuple[Select[Any], dict[str, Any]]:
         plan.group_by,
         plan.sort,
         tuple(sorted(plan.filters)),
+        tuple(sorted(plan.excludes)),
     )
     values: dict[str, Any] = {
         "limit": plan.limit,
         "offset": plan.offset,
         **{f"{name}_ids": ids for name, ids in plan.filters.items()},
+        **{f"exclude_{name}_ids": ids for name, ids in plan.excludes.items()},
     }
     for number, part in enumerate(plan.parts):
         values[f"first_{number}"] = part.first_id
@@ -346,6 +348,7 @@ class _MetricsShape:
     group_by: tuple[str, ...]
     sort: str | None
     filters: tuple[str, ...]
+    excludes: tuple[str, ...]
 
 
 CUBES: dict[MetricsSource, Table] = {"daily": CUBE_DAILY, "monthly": CUBE_MONTHLY}
@@ -377,10 +380,14 @@ def _part(shape: _MetricsShape, number: int, time_grouped: bool) -> Select[Any]:
         selected: list[ColumnElement[Any]] = [day.label("date_id")] if time_grouped else []
         selected += [keys[name].label(DIMENSIONS[name].id_column) for name in grouped]
         conditions += [keys[name].in_(ids(name)) for name in shape.filters]
+        conditions += [keys[name].not_in(ids(f"exclude_{name}")) for name in shape.excludes]
         return core_select(*selected, *sums).where(*conditions)
     selected = [FACT.c.date_id] if time_grouped else []
     selected += [FACT.c[DIMENSIONS[name].id_column] for name in grouped]
     conditions = [FACT.c[DIMENSIONS[name].id_column].in_(ids(name)) for name in shape.filters]
+    conditions += [
+        FACT.c[DIMENSIONS[name].id_column].not_in(ids(f"exclude_{name}")) for name in shape.excludes
+    ]
     if source == "facts":
         conditions.append(FACT.c.date_id.between(first, last))
     else:

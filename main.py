@@ -418,34 +418,41 @@ def openapi_with_problems(app: FastAPI) -> dict[str, Any]:
 
 # --- request checks ----------------------------------------------------------------------------
 
-# Query parameters that may be given more than once; any other repeated one is an error, not
-# silently "the last one wins".
-REPEATABLE_PARAMETERS = frozenset({"group_by", *DIMENSIONS})
 
-
-def documented_query_parameters(app: FastAPI, path: str, method: str) -> frozenset[str]:
-    """The query parameters the OpenAPI document gives an operation (read once per app)."""
+def documented_query_parameters(
+    app: FastAPI, path: str, method: str
+) -> tuple[frozenset[str], frozenset[str]]:
+    """The query parameters the OpenAPI document gives an operation, and those of them that may
+    be given more than once (its arrays); read once per app."""
     if not hasattr(app.state, "query_parameters"):
         app.state.query_parameters = {
-            (route_path, verb.upper()): frozenset(
-                p["name"] for p in operation.get("parameters", []) if p["in"] == "query"
+            (route_path, verb.upper()): (
+                frozenset(p["name"] for p in operation.get("parameters", []) if p["in"] == "query"),
+                frozenset(
+                    p["name"]
+                    for p in operation.get("parameters", [])
+                    if p["in"] == "query" and p.get("schema", {}).get("type") == "array"
+                ),
             )
             for route_path, operations in app.openapi()["paths"].items()
             for verb, operation in operations.items()
         }
-    known: frozenset[str] = app.state.query_parameters.get((path, method), frozenset())
-    return known
+    found: tuple[frozenset[str], frozenset[str]] = app.state.query_parameters.get(
+        (path, method), (frozenset(), frozenset())
+    )
+    return found
 
 
 async def check_query_parameters(request: Request) -> None:
-    """Unknown query parameters, and repeats of ones that take a single value, are 422."""
+    """Unknown query parameters, and repeats of ones that take a single value (any but an
+    array's: not silently "the last one wins"), are 422."""
     route = request.scope["route"]
-    known = documented_query_parameters(request.app, route.path_format, request.method)
+    known, repeatable = documented_query_parameters(request.app, route.path_format, request.method)
     counts = Counter(name for name, _ in request.query_params.multi_items())
     problems_found: list[ErrorItem] = [
         (["query", name], "unknown parameter" if name not in known else "given more than once")
         for name, count in sorted(counts.items())
-        if name not in known or (count > 1 and name not in REPEATABLE_PARAMETERS)
+        if name not in known or (count > 1 and name not in repeatable)
     ]
     if problems_found:
         raise InvalidParameters(problems_found)

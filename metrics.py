@@ -199,19 +199,21 @@ async def resolve_names(
     return sorted(set(ids)), unknown, entry.names
 
 
-def name_filters(query: MetricsQuery) -> dict[str, list[str]]:
-    """The name filters that were given, by dimension."""
-    return {name: getattr(query, name) for name in DIMENSIONS if getattr(query, name)}
+def name_filters(query: MetricsQuery, prefix: str = "") -> dict[str, list[str]]:
+    """The name filters that were given (prefix "exclude_": the exclusions), by dimension."""
+    return {
+        name: getattr(query, prefix + name) for name in DIMENSIONS if getattr(query, prefix + name)
+    }
 
 
 async def filter_ids(
-    db: crud.Executor, cache: NameCache, query: MetricsQuery
+    db: crud.Executor, cache: NameCache, query: MetricsQuery, prefix: str = ""
 ) -> tuple[dict[str, list[int]], list[ErrorItem]]:
-    """Ids of the filter names, and a problem naming each dimension's unknown ones (with the
-    known ones, when few)."""
+    """Ids of the filter names (or, prefix "exclude_", of the exclusions), and a problem naming
+    each dimension's unknown ones (with the known ones, when few)."""
     ids: dict[str, list[int]] = {}
     problems: list[ErrorItem] = []
-    for name, values in name_filters(query).items():
+    for name, values in name_filters(query, prefix).items():
         found, unknown, known = await resolve_names(db, cache, DIMENSIONS[name], values)
         if unknown:
             allowed = (
@@ -220,7 +222,7 @@ async def filter_ids(
                 else f"see GET /dimensions/{name}"
             )
             listed = ", ".join(repr(value) for value in unknown)
-            problems.append((["query", name], f"unknown {name} {listed}; {allowed}"))
+            problems.append((["query", prefix + name], f"unknown {name} {listed}; {allowed}"))
         ids[name] = found
     return ids, problems
 
@@ -336,11 +338,13 @@ async def answer(
     (InvalidParameters) listing every problem when it breaks rules or names unknown values."""
     problems = rule_problems(query, today, max_span_days)
     filters, unknown = await filter_ids(db, cache, query)
-    if problems or unknown:
-        raise InvalidParameters(in_parameter_order([*problems, *unknown]))
+    excludes, unknown_excluded = await filter_ids(db, cache, query, "exclude_")
+    if problems or unknown or unknown_excluded:
+        raise InvalidParameters(in_parameter_order([*problems, *unknown, *unknown_excluded]))
     start, end = date_range(query, today)
     filters = await narrowing(db, cache, filters)
-    mask = dimension_mask([*filters, *(g for g in query.group_by if g in DIMENSIONS)])
+    used = [*filters, *excludes, *(g for g in query.group_by if g in DIMENSIONS)]
+    mask = dimension_mask(used)
     sizes = {name: len(entry.names) for name, entry in cache.entries.items()}
     if mask.bit_count() > CUBE_MAX_DIMENSIONS and filters:  # the probes' cost needs every size
         for name in DIMENSIONS:
@@ -350,6 +354,7 @@ async def answer(
         parts=plan_parts(start, end, query.group_by, day_source(filters, sizes, mask)),
         set_mask=mask,
         filters=filters,
+        excludes=excludes,
         group_by=tuple(query.group_by),
         sort=query.sort,
         limit=query.limit,

@@ -467,6 +467,7 @@ class MetricsPlan:
     parts: tuple[MetricsPart, ...]
     set_mask: int
     filters: dict[str, list[int]]
+    excludes: dict[str, list[int]]
     group_by: tuple[str, ...]
     sort: str | None
     limit: int
@@ -490,6 +491,10 @@ MetricsPreset = Literal[
     "this_month", "last_month", "this_quarter", "last_quarter", "this_year", "last_year",
 ]  # fmt: skip
 FilterValues = Annotated[list[DimensionName], Field(max_length=100)]
+EXCLUDE = (
+    "Repeatable: leaves out facts with these names (matched like the filter of the same "
+    "dimension, and AND-ed with it: included and not excluded)."
+)
 # Repeats are rejected (MetricsQuery.rule_problems); uniqueItems says so in the OpenAPI document.
 GroupByList = Annotated[list[GroupBy], PydanticField(json_schema_extra={"uniqueItems": True})]
 
@@ -521,6 +526,12 @@ class MetricsQuery(SQLModel):
     platform: FilterValues = Field(default_factory=list)
     placement: FilterValues = Field(default_factory=list)
     device_type: FilterValues = Field(default_factory=list)
+    exclude_region: FilterValues = Field(default_factory=list, description=EXCLUDE)
+    exclude_age_group: FilterValues = Field(default_factory=list, description=EXCLUDE)
+    exclude_gender: FilterValues = Field(default_factory=list, description=EXCLUDE)
+    exclude_platform: FilterValues = Field(default_factory=list, description=EXCLUDE)
+    exclude_placement: FilterValues = Field(default_factory=list, description=EXCLUDE)
+    exclude_device_type: FilterValues = Field(default_factory=list, description=EXCLUDE)
     group_by: GroupByList = Field(
         default_factory=list,
         max_length=len(TIME_GROUPS) + len(DIMENSIONS),

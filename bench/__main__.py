@@ -296,6 +296,7 @@ def metrics_scenarios(args: argparse.Namespace, url: str, results: Results) -> N
         parts=metrics.plan_parts(start, end, ("platform",), ("daily", 0)),  # as the service plans
         set_mask=dimension_mask(["region", "platform"]),
         filters={"region": [germany]},
+        excludes={},
         group_by=("platform",),
         sort=None,
         limit=100,
@@ -327,6 +328,7 @@ def metrics_scenarios(args: argparse.Namespace, url: str, results: Results) -> N
                 parts=(MetricsPart("facts", int(f"{first:%Y%m%d}"), int(f"{end:%Y%m%d}")),),
                 set_mask=dimension_mask([group] if group == "platform" else []),
                 filters={},
+                excludes={},
                 group_by=(group,),
                 sort=None,
                 limit=100,

@@ -255,11 +255,17 @@ async def plain_sql(
     end: date,
     filters: Mapping[str, Sequence[str]],
 ) -> list[dict[str, Any]]:
-    """The rows of a question (names of its filters by dimension), worked out in plain SQL."""
+    """The rows of a question (names of its filters by dimension, or by exclude_<dimension>),
+    worked out in plain SQL."""
     columns = [f"{GROUP_SQL[g]} AS {g}" for g in group_by]
     sums = [f"sum(f.{m}) AS {m}" for m in ("impressions", "clicks", "cost", "conversions", "likes")]
     grouping = f" GROUP BY {', '.join(GROUP_SQL[g] for g in group_by)}" if group_by else ""
-    where = "".join(f" AND {GROUP_SQL[name]} = ANY(:{name})" for name in filters)
+    where = "".join(
+        f" AND NOT {GROUP_SQL[name.removeprefix('exclude_')]} = ANY(:{name})"
+        if name.startswith("exclude_")
+        else f" AND {GROUP_SQL[name]} = ANY(:{name})"
+        for name in filters
+    )
     statement = text(f"SELECT {', '.join(columns + sums)} {PLAIN_JOIN}{where}{grouping}")
     statement = statement.bindparams(
         start=start, end=end, **{k: list(v) for k, v in filters.items()}

@@ -61,6 +61,10 @@ FILTERS: list[dict[str, list[str]]] = [
      "platform": ["facebook"]},
     # Every gender: no filter at all, so a smaller cube answers.
     {"gender": ["female", "male", "unknown"], "platform": ["facebook"]},
+    # Exclusions: on the daily cube's keys, and on facts read by probes.
+    {"exclude_region": ["Germany", "France"], "platform": ["facebook"]},
+    {"region": ["Germany"], "exclude_age_group": ["18-24"], "gender": ["female"],
+     "exclude_platform": ["messenger"]},
 ]  # fmt: skip
 RANGES = [
     (date(2026, 8, 28), END),  # days, two whole months, days
@@ -159,18 +163,21 @@ async def test_every_question_equals_plain_sql(
 async def plan_of(
     session: AsyncSession, group_by: list[str], filters: dict[str, list[str]]
 ) -> MetricsPlan:
-    ids: dict[str, list[int]] = {}
-    for name, values in filters.items():
+    ids: dict[str, dict[str, list[int]]] = {"": {}, "exclude_": {}}
+    for parameter, values in filters.items():
+        name = parameter.removeprefix("exclude_")
         found, unknown, _ = await metrics.resolve_names(
             session, metrics.NameCache(), DIMENSIONS[name], values
         )
         assert not unknown
-        ids[name] = found
-    mask = dimension_mask([*filters, *(g for g in group_by if g in DIMENSIONS)])
+        ids[parameter.removesuffix(name)][name] = found
+    used = [p.removeprefix("exclude_") for p in filters]
+    mask = dimension_mask([*used, *(g for g in group_by if g in DIMENSIONS)])
     return MetricsPlan(
         parts=(),
         set_mask=mask,
-        filters=ids,
+        filters=ids[""],
+        excludes=ids["exclude_"],
         group_by=tuple(group_by),
         sort=None,
         limit=1000,
@@ -190,7 +197,7 @@ MONTHS = (
 )
 
 
-@pytest.mark.parametrize("filters", [FILTERS[0], *FILTERS[2:4]])
+@pytest.mark.parametrize("filters", [FILTERS[0], FILTERS[2], FILTERS[3], FILTERS[6]])
 @pytest.mark.parametrize("group_by", GROUPS)
 @pytest.mark.usefixtures("season")
 async def test_every_source_gives_the_facts_answer(

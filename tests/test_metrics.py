@@ -181,6 +181,27 @@ async def test_filters_match_names_case_insensitively_and_repeat(client: httpx.A
     assert body["totals"] == expected_metrics(north)
 
 
+async def test_exclusions_leave_out_their_names_and_and_with_the_filters(
+    client: httpx.AsyncClient,
+) -> None:
+    body = await get_metrics(client, exclude_region="north", group_by="platform")
+    south = [f for f in ALL if f["region"] == "South"]
+    assert body["rows"] == expected_rows(["platform"], south)
+    assert body["totals"] == expected_metrics(south)
+    both = await get_metrics(
+        client, platform="facebook", exclude_placement="Stories", exclude_gender=["male", "MALE"],
+        group_by="region",
+    )  # fmt: skip
+    chosen = [
+        f for f in ALL
+        if f["platform"] == "facebook" and f["placement"] != "stories" and f["gender"] != "male"
+    ]  # fmt: skip
+    assert chosen
+    assert both["rows"] == expected_rows(["region"], chosen)
+    nothing = await get_metrics(client, region="North", exclude_region="North")
+    assert (nothing["rows"], nothing["total_rows"]) == ([], 0)
+
+
 @pytest.mark.parametrize(
     ("params", "dates"),
     [
@@ -332,6 +353,7 @@ async def test_csv_leaves_null_ratios_empty(client: httpx.AsyncClient) -> None:
         ),
         ({"preset": "last_8d"}, "preset", "last_7d"),
         ({"region": "Atlantis"}, "region", "unknown region 'Atlantis'; allowed: North, South"),
+        ({"exclude_region": "Atlantis"}, "exclude_region", "unknown region 'Atlantis'; allowed"),
         ({"group_by": "colour"}, "group_by", "device_type"),
         ({"group_by": ["date", "region", "date"]}, "group_by", "repeated group_by value(s): date"),
         ({"sort": "region"}, "sort", "not in the result"),
