@@ -2,6 +2,7 @@
 only, nothing stateful."""
 
 import io
+import operator
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -314,12 +315,14 @@ def metrics_statement(plan: MetricsPlan) -> tuple[Select[Any], dict[str, Any]]:
         plan.sort,
         tuple(sorted(plan.filters)),
         tuple(sorted(plan.excludes)),
+        tuple((metric, operator) for metric, operator, _ in plan.conditions),
     )
     values: dict[str, Any] = {
         "limit": plan.limit,
         "offset": plan.offset,
         **{f"{name}_ids": ids for name, ids in plan.filters.items()},
         **{f"exclude_{name}_ids": ids for name, ids in plan.excludes.items()},
+        **{f"condition_{n}": number for n, (_, _, number) in enumerate(plan.conditions)},
     }
     for number, part in enumerate(plan.parts):
         values[f"first_{number}"] = part.first_id
@@ -349,6 +352,7 @@ class _MetricsShape:
     sort: str | None
     filters: tuple[str, ...]
     excludes: tuple[str, ...]
+    conditions: tuple[tuple[str, str], ...]  # (metric, operator); the numbers are bound
 
 
 CUBES: dict[MetricsSource, Table] = {"daily": CUBE_DAILY, "monthly": CUBE_MONTHLY}
@@ -454,6 +458,8 @@ def _metrics_statement(shape: _MetricsShape) -> Select[Any]:
         .cte("grouped")
     )
 
+    if shape.conditions:  # like HAVING: on the grouped rows, before the page and the totals
+        grouped = core_select(grouped).where(*_conditions(shape, grouped)).cte("passing")
     order = _metrics_order(shape, grouped)
     page = (
         core_select(grouped, func.row_number().over(order_by=order).label("position"))
@@ -473,6 +479,19 @@ def _metrics_statement(shape: _MetricsShape) -> Select[Any]:
         .select_from(totals.outerjoin(page, true()))
         .order_by(page.c.position)
     )
+
+
+COMPARISONS = {
+    ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "=": operator.eq,
+    "!=": operator.ne,
+}  # fmt: skip
+
+
+def _conditions(shape: _MetricsShape, grouped: CTE) -> list[ColumnElement[bool]]:
+    return [
+        COMPARISONS[comparison](grouped.c[metric], bindparam(f"condition_{n}", type_=Numeric))
+        for n, (metric, comparison) in enumerate(shape.conditions)
+    ]
 
 
 def _metrics_order(shape: _MetricsShape, grouped: CTE) -> list[UnaryExpression[Any]]:

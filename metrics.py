@@ -18,6 +18,7 @@ from collections.abc import (
 )
 from dataclasses import dataclass, field
 from datetime import date, timedelta
+from decimal import Decimal
 from itertools import groupby
 
 import numpy as np
@@ -36,6 +37,7 @@ from metrics_data import (
     staging_line,
 )
 from models import (
+    CONDITION_OPERATORS,
     CUBE_MAX_DIMENSIONS,
     DAY_GROUPS,
     DIMENSIONS,
@@ -227,6 +229,15 @@ async def filter_ids(
     return ids, problems
 
 
+def parse_condition(text: str) -> tuple[str, str, Decimal]:
+    """(metric, operator, number) of a condition the schema has checked (CONDITION_PATTERN)."""
+    for operator in CONDITION_OPERATORS:
+        metric, found, number = text.partition(operator)
+        if found:
+            return metric, operator, Decimal(number)
+    raise ValueError(text)  # the schema let through no other
+
+
 async def narrowing(
     db: crud.Executor, cache: NameCache, filters: dict[str, list[int]]
 ) -> dict[str, list[int]]:
@@ -355,6 +366,7 @@ async def answer(
         set_mask=mask,
         filters=filters,
         excludes=excludes,
+        conditions=tuple(parse_condition(text) for text in query.where),
         group_by=tuple(query.group_by),
         sort=query.sort,
         limit=query.limit,

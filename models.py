@@ -468,6 +468,7 @@ class MetricsPlan:
     set_mask: int
     filters: dict[str, list[int]]
     excludes: dict[str, list[int]]
+    conditions: tuple[tuple[str, str, Decimal], ...] = ()  # (metric, operator, number)
     group_by: tuple[str, ...]
     sort: str | None
     limit: int
@@ -491,6 +492,12 @@ MetricsPreset = Literal[
     "this_month", "last_month", "this_quarter", "last_quarter", "this_year", "last_year",
 ]  # fmt: skip
 FilterValues = Annotated[list[DimensionName], Field(max_length=100)]
+CONDITION_OPERATORS = (">=", "<=", "!=", ">", "<", "=")  # two-character ones first
+CONDITION_PATTERN = (
+    rf"^({'|'.join(METRICS)})"
+    rf"({'|'.join(CONDITION_OPERATORS)})(-?[0-9]{{1,15}}(\.[0-9]{{1,6}})?)$"
+)
+MetricCondition = Annotated[str, StringConstraints(max_length=40, pattern=CONDITION_PATTERN)]
 EXCLUDE = (
     "Repeatable: leaves out facts with these names (matched like the filter of the same "
     "dimension, and AND-ed with it: included and not excluded)."
@@ -536,6 +543,16 @@ class MetricsQuery(SQLModel):
         default_factory=list,
         max_length=len(TIME_GROUPS) + len(DIMENSIONS),
         description="Repeatable; each value at most once.",
+    )
+    where: list[MetricCondition] = Field(
+        default_factory=list,
+        max_length=20,
+        description="Repeatable: a condition on a metric of each grouped row, "
+        "`<metric><operator><number>` with `>`, `>=`, `<`, `<=`, `=` or `!=`, for example "
+        "`cost>100` or `ctr<0.005`. Every condition must hold (AND). They apply to the grouped "
+        "rows before paging, so `total_rows` and `totals` describe the rows that pass; a ratio "
+        "is compared as returned (6 places), and a row whose ratio is null passes no condition "
+        "on it.",
     )
     sort: MetricsSort | None = Field(
         default=None,

@@ -325,3 +325,13 @@ def write_csv(tmp_path: Path, *lines: str, header: str = HEADER) -> Path:
     path = tmp_path / "metrics.csv"
     path.write_text(header + "".join(f"{line}\n" for line in lines))
     return path
+
+
+def passes(row: dict[str, Any], conditions: list[tuple[str, str, str]]) -> bool:
+    """A row as the API sends it against (metric, operator, number) conditions, in decimals."""
+    compare = {">": Decimal.__gt__, ">=": Decimal.__ge__, "<": Decimal.__lt__,
+               "<=": Decimal.__le__, "=": Decimal.__eq__, "!=": Decimal.__ne__}  # fmt: skip
+    return all(
+        row[metric] is not None and compare[op](Decimal(str(row[metric])), Decimal(number))
+        for metric, op, number in conditions
+    )

@@ -29,6 +29,8 @@ from settings import Settings
 from tests.helpers import (
     assert_cubes_hold_the_facts_sums,
     checksum,
+    expected_metrics,
+    passes,
     plain_sql,
     run_cli,
     sql,
@@ -353,3 +355,32 @@ async def test_a_seed_keeps_the_facts_of_its_first_and_last_months_outside_its_d
     )
     assert facts.scalar_one() == 2
     await assert_cubes_hold_the_facts_sums(session)
+
+
+@pytest.mark.parametrize(
+    ("group_by", "conditions"),
+    [
+        (["region", "platform"], [("cost", ">", "40"), ("ctr", "<", "0.02")]),
+        (["month", "device_type"], [("impressions", ">=", "50000")]),
+        (["date", "region", "age_group", "gender"], [("cpc", "<=", "0.5"), ("clicks", ">", "0")]),
+    ],
+)
+@pytest.mark.usefixtures("season")
+async def test_conditions_equal_plain_sql_filtered_by_them(
+    client: httpx.AsyncClient,
+    session: AsyncSession,
+    group_by: list[str],
+    conditions: list[tuple[str, str, str]],
+) -> None:
+    start = date(2026, 8, 28)
+    where = [f"{metric}{op}{number}" for metric, op, number in conditions]
+    params: dict[str, Any] = {"start_date": start, "end_date": END, "group_by": group_by}
+    params["where"] = where
+    body = (await client.get("/metrics", params={**params, "limit": 1000})).json()
+    kept = [
+        row for row in await plain_sql(session, group_by, start, END, {}) if passes(row, conditions)
+    ]
+    assert 0 < len(kept) <= 1000
+    assert sorted(map(str, body["rows"])) == sorted(map(str, kept))
+    assert body["total_rows"] == len(kept)
+    assert body["totals"] == expected_metrics(kept)

@@ -14,7 +14,7 @@ import crud
 import metrics
 from main import utc_today
 from models import DIMENSIONS, METRICS, TIME_GROUPS, GroupBy, MetricsQuery, MetricsSort
-from tests.helpers import MEASURES, clear_metrics, expected_metrics, sql
+from tests.helpers import MEASURES, clear_metrics, expected_metrics, passes, sql
 
 TODAY = date(2026, 11, 10)  # a Tuesday
 DIMENSION_VALUES = {
@@ -203,6 +203,31 @@ async def test_exclusions_leave_out_their_names_and_and_with_the_filters(
 
 
 @pytest.mark.parametrize(
+    ("group_by", "conditions"),
+    [
+        (["date"], [("cost", ">", "20")]),
+        (["date"], [("cost", ">=", "25.00"), ("clicks", "<", "90")]),
+        (["region", "platform"], [("ctr", "<", "0.05")]),  # a null ctr passes no condition
+        (["placement"], [("impressions", "!=", "1000"), ("likes", "=", "31")]),
+        ([], [("cpm", "<=", "5")]),
+    ],
+)
+async def test_conditions_keep_the_groups_that_pass_before_paging(
+    client: httpx.AsyncClient, group_by: list[str], conditions: list[tuple[str, str, str]]
+) -> None:
+    where = [f"{metric}{op}{number}" for metric, op, number in conditions]
+    body = await get_metrics(client, group_by=group_by, where=where, limit=1)
+    every = expected_rows(group_by, ALL)
+    kept = [row for row in every if passes(row, conditions)]
+    assert body["rows"] == kept[:1]
+    assert body["total_rows"] == len(kept)
+    assert body["totals"] == expected_metrics(
+        [f for f in ALL if any(all(f[g] == row[g] or bucket(f["date"], g) == row[g]
+                                   for g in group_by) for row in kept)]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
     ("params", "dates"),
     [
         ({"preset": "last_7d"}, ["2026-11-10"]),
@@ -354,6 +379,9 @@ async def test_csv_leaves_null_ratios_empty(client: httpx.AsyncClient) -> None:
         ({"preset": "last_8d"}, "preset", "last_7d"),
         ({"region": "Atlantis"}, "region", "unknown region 'Atlantis'; allowed: North, South"),
         ({"exclude_region": "Atlantis"}, "exclude_region", "unknown region 'Atlantis'; allowed"),
+        ({"where": "cost>>1"}, "where", "should match pattern"),
+        ({"where": "spend>1"}, "where", "should match pattern"),
+        ({"where": "ctr<1e-3"}, "where", "should match pattern"),
         ({"group_by": "colour"}, "group_by", "device_type"),
         ({"group_by": ["date", "region", "date"]}, "group_by", "repeated group_by value(s): date"),
         ({"sort": "region"}, "sort", "not in the result"),
