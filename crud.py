@@ -48,7 +48,6 @@ from models import (
     CUBE_MONTHLY,
     DIMENSIONS,
     MEASURES,
-    METRICS,
     TIME_GROUPS,
     DimDate,
     Dimension,
@@ -510,9 +509,9 @@ async def query_metrics(db: Executor, plan: MetricsPlan) -> MetricsPage:
     result = await _run(db, *metrics_statement(plan))
     records = result.mappings().all()
     first = records[0]
-    totals = MetricValues.model_validate({m: first[f"total_{m}"] for m in METRICS})
+    totals = MetricValues.model_validate({m: first[f"total_{m}"] for m in plan.fields})
     rows = [
-        MetricsRow.model_validate({key: record[key] for key in (*plan.group_by, *METRICS)})
+        MetricsRow.model_validate({key: record[key] for key in (*plan.group_by, *plan.fields)})
         for record in records
         if record["position"] is not None
     ]

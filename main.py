@@ -777,7 +777,7 @@ async def get_metrics(
             "X-Total-Rows": str(page.total_rows),
             "Vary": "Accept",
         }
-        lines = metrics.csv_lines(page, query.group_by)
+        lines = metrics.csv_lines(page, query.group_by, metrics.returned_fields(query))
         return StreamingResponse(lines, media_type="text/csv; charset=utf-8", headers=headers)
     return page
 

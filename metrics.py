@@ -106,6 +106,11 @@ def date_range(query: MetricsQuery, today: date) -> tuple[date, date]:
     return PRESETS[query.preset or "last_30d"](today)
 
 
+def returned_fields(query: MetricsQuery) -> tuple[str, ...]:
+    """The metrics a question returns: those of fields=, in their order, else all of them."""
+    return tuple(dict.fromkeys(query.fields)) or METRICS
+
+
 def rule_problems(query: MetricsQuery, today: date, max_span_days: int) -> list[ErrorItem]:
     """Each rule between the parameters that the question breaks, as (loc, message)."""
     problems: list[ErrorItem] = []
@@ -132,7 +137,19 @@ def rule_problems(query: MetricsQuery, today: date, max_span_days: int) -> list[
         problems.append(
             (["query", "group_by"], f"repeated group_by value(s): {', '.join(repeated)}")
         )
-    allowed = [*dict.fromkeys(query.group_by), *METRICS]
+    repeated_fields = sorted({name for name in query.fields if query.fields.count(name) > 1})
+    if repeated_fields:
+        problems.append(
+            (["query", "fields"], f"repeated fields value(s): {', '.join(repeated_fields)}")
+        )
+    returned = returned_fields(query)
+    for text in query.where:
+        metric = parse_condition(text)[0]
+        if metric not in returned:
+            problems.append(
+                (["query", "where"], f"{text!r} is on {metric}, which fields leaves out; add it")
+            )
+    allowed = [*dict.fromkeys(query.group_by), *returned]
     if query.sort is not None and query.sort.removeprefix("-") not in allowed:
         problems.append(
             (
@@ -367,6 +384,7 @@ async def answer(
         filters=filters,
         excludes=excludes,
         conditions=tuple(parse_condition(text) for text in query.where),
+        fields=returned_fields(query),
         group_by=tuple(query.group_by),
         sort=query.sort,
         limit=query.limit,
@@ -391,9 +409,9 @@ def csv_cell(value: object) -> object:
     return value
 
 
-def csv_lines(page: MetricsPage, group_by: Iterable[str]) -> Iterator[str]:
+def csv_lines(page: MetricsPage, group_by: Iterable[str], fields: Iterable[str]) -> Iterator[str]:
     """The page as CSV: a header of the groups and metrics, then a line per row."""
-    columns = [*group_by, *METRICS]
+    columns = [*group_by, *fields]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(columns)

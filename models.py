@@ -469,6 +469,7 @@ class MetricsPlan:
     filters: dict[str, list[int]]
     excludes: dict[str, list[int]]
     conditions: tuple[tuple[str, str, Decimal], ...] = ()  # (metric, operator, number)
+    fields: tuple[str, ...] = METRICS  # the metrics returned
     group_by: tuple[str, ...]
     sort: str | None
     limit: int
@@ -492,6 +493,9 @@ MetricsPreset = Literal[
     "this_month", "last_month", "this_quarter", "last_quarter", "this_year", "last_year",
 ]  # fmt: skip
 FilterValues = Annotated[list[DimensionName], Field(max_length=100)]
+Metric = Literal[
+    "impressions", "clicks", "cost", "conversions", "likes", "ctr", "cpc", "cpm", "cpa", "cvr"
+]
 CONDITION_OPERATORS = (">=", "<=", "!=", ">", "<", "=")  # two-character ones first
 CONDITION_PATTERN = (
     rf"^({'|'.join(METRICS)})"
@@ -544,6 +548,13 @@ class MetricsQuery(SQLModel):
         max_length=len(TIME_GROUPS) + len(DIMENSIONS),
         description="Repeatable; each value at most once.",
     )
+    fields: list[Metric] = Field(
+        default_factory=list,
+        max_length=len(METRICS),
+        description="Repeatable: the metrics to return, each at most once (default: all ten). "
+        "Ratios are still worked out from the sums; `sort` and `where` may use only metrics "
+        "that are returned.",
+    )
     where: list[MetricCondition] = Field(
         default_factory=list,
         max_length=20,
@@ -574,8 +585,8 @@ def _decimal_text(value: Decimal | None) -> str | None:
     return None if value is None else f"{value:f}"
 
 
-def _cents_text(value: Decimal) -> str:
-    return f"{value.quantize(CENT):f}"
+def _cents_text(value: Decimal | None) -> str | None:
+    return None if value is None else f"{value.quantize(CENT):f}"
 
 
 # Sums and ratios are exact decimals in the database. Amounts of money (cost and the cost
@@ -600,17 +611,24 @@ Ratio = Annotated[
 
 
 # The measures and the ratios of their sums; a ratio is null where its denominator is 0.
+# A metric not asked for (fields=) is left out of the rows and the totals.
 class MetricValues(SQLModel):
-    impressions: int
-    clicks: int
-    cost: Money = Field(description='Sum of cost, exact: a decimal string such as "1234.50".')
-    conversions: int
-    likes: int
-    ctr: Ratio = Field(description="clicks / impressions")
-    cpc: MoneyRatio = Field(description="cost / clicks, a decimal string (6 places)")
-    cpm: MoneyRatio = Field(description="cost * 1000 / impressions, a decimal string (6 places)")
-    cpa: MoneyRatio = Field(description="cost / conversions, a decimal string (6 places)")
-    cvr: Ratio = Field(description="conversions / clicks")
+    impressions: int = Field(default=None)
+    clicks: int = Field(default=None)
+    cost: Money = Field(
+        default=None, description='Sum of cost, exact: a decimal string such as "1234.50".'
+    )
+    conversions: int = Field(default=None)
+    likes: int = Field(default=None)
+    ctr: Ratio = Field(default=None, description="clicks / impressions")
+    cpc: MoneyRatio = Field(default=None, description="cost / clicks, a decimal string (6 places)")
+    cpm: MoneyRatio = Field(
+        default=None, description="cost * 1000 / impressions, a decimal string (6 places)"
+    )
+    cpa: MoneyRatio = Field(
+        default=None, description="cost / conversions, a decimal string (6 places)"
+    )
+    cvr: Ratio = Field(default=None, description="conversions / clicks")
 
 
 # The values of the requested groups; a group not requested is left out of the row.

@@ -35,17 +35,28 @@ def _follow_metrics_rules(query: dict[str, Any]) -> None:
         query["start_date"], query["end_date"] = start.isoformat(), end.isoformat()
     groups = query.get("group_by", [])
     groups = groups if isinstance(groups, list) else [groups]
+    fields = query.get("fields", [])
+    if isinstance(fields, list) and fields:  # each at most once
+        fields = query["fields"] = list(dict.fromkeys(fields))
+    returned = fields if isinstance(fields, list) and fields else list(METRICS)
     sort = query.get("sort")
-    if isinstance(sort, str) and sort.removeprefix("-") not in [*groups, *METRICS]:
+    if isinstance(sort, str) and sort.removeprefix("-") not in [*groups, *returned]:
         del query["sort"]  # a sort on something the result holds
+    conditions = query.get("where")
+    if isinstance(conditions, list):  # conditions on metrics the result holds
+        query["where"] = [
+            c for c in conditions
+            if not isinstance(c, str) or re.split(r"[<>=!]", c, maxsplit=1)[0] in returned
+        ]  # fmt: skip
     for name in DIMENSIONS:  # filter values that exist (the fuzz database holds the demo set)
-        values = query.get(name)
         known = list(DEMO_VALUES[name])
-        if isinstance(values, list):
-            query[name] = [
-                known[i % len(known)] if isinstance(v, str) and re.match(NAME_PATTERN, v) else v
-                for i, v in enumerate(values)
-            ]
+        for parameter in (name, f"exclude_{name}"):
+            values = query.get(parameter)
+            if isinstance(values, list):
+                query[parameter] = [
+                    known[i % len(known)] if isinstance(v, str) and re.match(NAME_PATTERN, v) else v
+                    for i, v in enumerate(values)
+                ]
 
 
 def _printable(value: Any) -> bool:

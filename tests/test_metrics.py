@@ -13,7 +13,15 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 import crud
 import metrics
 from main import utc_today
-from models import DIMENSIONS, METRICS, TIME_GROUPS, GroupBy, MetricsQuery, MetricsSort
+from models import (
+    DIMENSIONS,
+    METRICS,
+    TIME_GROUPS,
+    GroupBy,
+    Metric,
+    MetricsQuery,
+    MetricsSort,
+)
 from tests.helpers import MEASURES, clear_metrics, expected_metrics, passes, sql
 
 TODAY = date(2026, 11, 10)  # a Tuesday
@@ -202,6 +210,23 @@ async def test_exclusions_leave_out_their_names_and_and_with_the_filters(
     assert (nothing["rows"], nothing["total_rows"]) == ([], 0)
 
 
+async def test_fields_return_only_the_metrics_named_with_ratios_from_the_sums(
+    client: httpx.AsyncClient,
+) -> None:
+    full = await get_metrics(client, group_by="region")
+    body = await get_metrics(client, group_by="region", fields=["ctr", "cost"], sort="-ctr")
+    expected = [{"region": r["region"], "ctr": r["ctr"], "cost": r["cost"]} for r in full["rows"]]
+    assert body["rows"] == sorted(expected, key=lambda r: -r["ctr"])
+    assert [set(row) for row in body["rows"]] == [{"region", "ctr", "cost"}] * 2
+    assert body["totals"] == {"ctr": full["totals"]["ctr"], "cost": full["totals"]["cost"]}
+    csv_text = (
+        await client.get(
+            "/metrics", params={"group_by": "region", "fields": "cpm", "format": "csv"}
+        )
+    ).text
+    assert csv_text.splitlines()[0] == "region,cpm"
+
+
 @pytest.mark.parametrize(
     ("group_by", "conditions"),
     [
@@ -379,6 +404,10 @@ async def test_csv_leaves_null_ratios_empty(client: httpx.AsyncClient) -> None:
         ({"preset": "last_8d"}, "preset", "last_7d"),
         ({"region": "Atlantis"}, "region", "unknown region 'Atlantis'; allowed: North, South"),
         ({"exclude_region": "Atlantis"}, "exclude_region", "unknown region 'Atlantis'; allowed"),
+        ({"fields": "cost", "sort": "-cpc"}, "sort", "allowed: cost"),
+        ({"fields": "cost", "where": "cpc>1"}, "where", "which fields leaves out"),
+        ({"fields": ["cost", "ctr", "cost"]}, "fields", "repeated fields value(s): cost"),
+        ({"fields": "spend"}, "fields", "impressions"),
         ({"where": "cost>>1"}, "where", "should match pattern"),
         ({"where": "spend>1"}, "where", "should match pattern"),
         ({"where": "ctr<1e-3"}, "where", "should match pattern"),
@@ -481,6 +510,7 @@ def test_group_by_and_sort_values_are_the_dimensions_and_metrics() -> None:
     """The Literal types that validate and document them list exactly these, no more."""
     groups = (*TIME_GROUPS, *DIMENSIONS)
     assert get_args(GroupBy) == groups
+    assert get_args(Metric) == METRICS
     assert set(get_args(MetricsSort)) == {
         f"{sign}{name}" for sign in ("", "-") for name in (*groups, *METRICS)
     }
