@@ -22,6 +22,7 @@ from sqlalchemy import (
     Numeric,
     Result,
     Row,
+    RowMapping,
     Select,
     Table,
     UnaryExpression,
@@ -305,8 +306,11 @@ def _ratios(sums: Mapping[str, ColumnElement[Any]], prefix: str = "") -> list[La
     ]
 
 
-def metrics_statement(plan: MetricsPlan) -> tuple[Select[Any], dict[str, Any]]:
-    """The statement that answers `plan`, and the values to run it with."""
+def metrics_statement(
+    plan: MetricsPlan, every_row: bool = False
+) -> tuple[Select[Any], dict[str, Any]]:
+    """The statement that answers `plan` (its page with the totals, or `every_row` in order),
+    and the values to run it with."""
     shape = _MetricsShape(
         tuple((part.source, part.probe_depth) for part in plan.parts),
         plan.set_mask,
@@ -315,6 +319,7 @@ def metrics_statement(plan: MetricsPlan) -> tuple[Select[Any], dict[str, Any]]:
         tuple(sorted(plan.filters)),
         tuple(sorted(plan.excludes)),
         tuple((metric, operator) for metric, operator, _ in plan.conditions),
+        every_row,
     )
     values: dict[str, Any] = {
         "limit": plan.limit,
@@ -352,6 +357,7 @@ class _MetricsShape:
     filters: tuple[str, ...]
     excludes: tuple[str, ...]
     conditions: tuple[tuple[str, str], ...]  # (metric, operator); the numbers are bound
+    every_row: bool = False  # every grouped row, in order, for an export; else the page
 
 
 CUBES: dict[MetricsSource, Table] = {"daily": CUBE_DAILY, "monthly": CUBE_MONTHLY}
@@ -460,6 +466,8 @@ def _metrics_statement(shape: _MetricsShape) -> Select[Any]:
     if shape.conditions:  # like HAVING: on the grouped rows, before the page and the totals
         grouped = core_select(grouped).where(*_conditions(shape, grouped)).cte("passing")
     order = _metrics_order(shape, grouped)
+    if shape.every_row:
+        return core_select(grouped).order_by(*order)
     page = (
         core_select(grouped, func.row_number().over(order_by=order).label("position"))
         .order_by(*order)
@@ -524,6 +532,17 @@ async def query_metrics(db: Executor, plan: MetricsPlan) -> MetricsPage:
     )
 
 
+async def stream_metrics_rows(
+    db: AsyncConnection, plan: MetricsPlan
+) -> AsyncIterator[Sequence[RowMapping]]:
+    """Every grouped row of `plan`, in order, in batches through a server-side cursor (memory
+    stays flat); `db` must not be in autocommit mode, as a cursor lives in a transaction."""
+    statement, values = metrics_statement(plan, every_row=True)
+    result = await db.stream(statement.execution_options(yield_per=5000), values)
+    async for partition in result.mappings().partitions():
+        yield partition
+
+
 async def ensure_dimension_values(
     session: AsyncSession, dimension: Dimension, names: Iterable[str]
 ) -> dict[str, int]:
@@ -570,6 +589,19 @@ async def delete_facts(session: AsyncSession, first_id: int, last_id: int) -> No
         await _run(session, FACT.delete().where(FACT.c.date_id.between(first_id, last_id)))
     else:
         await _run(session, text("TRUNCATE fact_ad_metrics_daily"))
+
+
+# Any number: the key of the advisory lock that writers of facts take in turn.
+FACT_WRITERS_LOCK = 20261202
+
+
+async def take_the_writers_turn(session: AsyncSession) -> None:
+    """Wait until no other transaction writes facts, then hold that turn to this transaction's
+    end: each rewrites whole months of the cubes from the facts it reads, so two at once would
+    each miss the other's facts."""
+    await _run(
+        session, text("SELECT pg_advisory_xact_lock(:key)").bindparams(key=FACT_WRITERS_LOCK)
+    )
 
 
 @asynccontextmanager

@@ -91,6 +91,9 @@ MetricsEngineDep = Annotated[AsyncEngine, Depends(from_state("metrics_engine"))]
 SessionMakerDep = Annotated[SessionMaker, Depends(from_state("sessionmaker"))]
 ListingTurnsDep = Annotated[Turns, Depends(from_state("listing_turns"))]
 MetricsTurnsDep = Annotated[Turns, Depends(from_state("metrics_turns"))]
+ExportTurnsDep = Annotated[Turns, Depends(from_state("export_turns"))]
+# The analytics pool with transactions, for the cursors of exports.
+MetricsStreamEngineDep = Annotated[AsyncEngine, Depends(from_state("metrics_stream_engine"))]
 
 
 async def get_session(sessionmaker: SessionMakerDep) -> AsyncIterator[AsyncSession]:
@@ -138,3 +141,16 @@ async def get_metrics_connection(
 
 
 MetricsConnectionDep = Annotated[AsyncConnection, Depends(get_metrics_connection)]
+
+
+async def get_export_connection(
+    exports: ExportTurnsDep, turns: MetricsTurnsDep, engine: MetricsStreamEngineDep
+) -> AsyncIterator[AsyncConnection]:
+    """A connection of the analytics pool, in a transaction (a server-side cursor needs one),
+    for an export: one of METRICS_MAX_EXPORTS export turns and an analytics turn, held until the
+    last row is sent (a dependency's exit runs after its streamed response)."""
+    async with exports.take(), turns.take(), engine.connect() as connection:
+        yield connection
+
+
+ExportConnectionDep = Annotated[AsyncConnection, Depends(get_export_connection)]

@@ -52,6 +52,7 @@ from backoff import Backoff
 from db import (
     ANALYTICS_SETTINGS,
     ConnectionDep,
+    ExportConnectionDep,
     ListingConnectionDep,
     MetricsConnectionDep,
     ReadEngineDep,
@@ -93,6 +94,7 @@ from models import (
     DimensionList,
     DimensionValues,
     Health,
+    MetricsExport,
     MetricsPage,
     MetricsQuery,
     PetCreate,
@@ -191,6 +193,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         server_settings=ANALYTICS_SETTINGS,
     )
     app.state.metrics_engine = autocommit(metrics_engine)
+    app.state.metrics_stream_engine = metrics_engine
+    app.state.export_turns = Turns(
+        settings.METRICS_MAX_EXPORTS,
+        settings.METRICS_QUEUE_SECONDS,
+        "Too many exports are running; retry shortly.",
+    )
     app.state.metrics_turns = Turns(
         settings.METRICS_MAX_CONCURRENT,
         settings.METRICS_QUEUE_SECONDS,
@@ -780,6 +788,42 @@ async def get_metrics(
         lines = metrics.csv_lines(page, query.group_by, metrics.returned_fields(query))
         return StreamingResponse(lines, media_type="text/csv; charset=utf-8", headers=headers)
     return page
+
+
+@router.get(
+    "/metrics/export",
+    tags=["metrics"],
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "Every row, streamed.",
+            "content": {
+                "text/csv": {"schema": {"type": "string"}},
+                "application/x-ndjson": {"schema": {"type": "string"}},
+            },
+        },
+        **problems(422, 503),
+    },
+)
+async def export_metrics(
+    db: ExportConnectionDep,
+    names: NameCacheDep,
+    settings: SettingsDep,
+    query: Annotated[MetricsExport, Query()],
+    today: Annotated[date, Depends(utc_today)],
+) -> StreamingResponse:
+    """Every row of a question, beyond the 1,000-row page of GET /metrics: the same parameters
+    (but `limit` and `offset`), the same rules and the same 422s, as CSV or NDJSON, streamed
+    from a server-side cursor. At most METRICS_MAX_EXPORTS run at once per process; one more
+    waits briefly, then gets 503 with Retry-After."""
+    plan = await metrics.plan_question(db, names, query, today, settings.METRICS_MAX_SPAN_DAYS)
+    lines = metrics.export_lines(db, plan, query.format)
+    if query.format == "ndjson":
+        media_type, filename = "application/x-ndjson", "metrics.ndjson"
+    else:
+        media_type, filename = "text/csv; charset=utf-8", "metrics.csv"
+    headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
+    return StreamingResponse(lines, media_type=media_type, headers=headers)
 
 
 @router.get("/dimensions", tags=["metrics"])

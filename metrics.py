@@ -6,6 +6,7 @@ import asyncio
 import csv
 import io
 import time
+from calendar import monthrange
 from collections.abc import (
     AsyncIterable,
     AsyncIterator,
@@ -20,8 +21,10 @@ from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
 from itertools import groupby
+from typing import Literal
 
 import numpy as np
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 import crud
@@ -48,6 +51,8 @@ from models import (
     MetricsPart,
     MetricsPlan,
     MetricsQuery,
+    MetricsQuestion,
+    MetricsRow,
     MetricsSource,
     date_id_of,
     dimension_mask,
@@ -99,19 +104,19 @@ PRESETS: dict[str, Callable[[date], tuple[date, date]]] = {
 }
 
 
-def date_range(query: MetricsQuery, today: date) -> tuple[date, date]:
+def date_range(query: MetricsQuestion, today: date) -> tuple[date, date]:
     """The inclusive range asked for: the dates, else the preset (default last_30d)."""
     if query.start_date is not None and query.end_date is not None:
         return query.start_date, query.end_date
     return PRESETS[query.preset or "last_30d"](today)
 
 
-def returned_fields(query: MetricsQuery) -> tuple[str, ...]:
+def returned_fields(query: MetricsQuestion) -> tuple[str, ...]:
     """The metrics a question returns: those of fields=, in their order, else all of them."""
     return tuple(dict.fromkeys(query.fields)) or METRICS
 
 
-def rule_problems(query: MetricsQuery, today: date, max_span_days: int) -> list[ErrorItem]:
+def rule_problems(query: MetricsQuestion, today: date, max_span_days: int) -> list[ErrorItem]:
     """Each rule between the parameters that the question breaks, as (loc, message)."""
     problems: list[ErrorItem] = []
     start, end = query.start_date, query.end_date
@@ -218,7 +223,7 @@ async def resolve_names(
     return sorted(set(ids)), unknown, entry.names
 
 
-def name_filters(query: MetricsQuery, prefix: str = "") -> dict[str, list[str]]:
+def name_filters(query: MetricsQuestion, prefix: str = "") -> dict[str, list[str]]:
     """The name filters that were given (prefix "exclude_": the exclusions), by dimension."""
     return {
         name: getattr(query, prefix + name) for name in DIMENSIONS if getattr(query, prefix + name)
@@ -226,7 +231,7 @@ def name_filters(query: MetricsQuery, prefix: str = "") -> dict[str, list[str]]:
 
 
 async def filter_ids(
-    db: crud.Executor, cache: NameCache, query: MetricsQuery, prefix: str = ""
+    db: crud.Executor, cache: NameCache, query: MetricsQuestion, prefix: str = ""
 ) -> tuple[dict[str, list[int]], list[ErrorItem]]:
     """Ids of the filter names (or, prefix "exclude_", of the exclusions), and a problem naming
     each dimension's unknown ones (with the known ones, when few)."""
@@ -300,18 +305,29 @@ def day_of_month(month_id: int, day: int) -> date:
 def split_range(start: date, end: date) -> list[tuple[date, date, bool]]:
     """The range as (first, last, whole_months): the days before the first whole month, the
     whole months, the days after them; or all of it as days when it holds no whole month."""
-    first_whole = (
-        start if start.day == 1 else (start.replace(day=28) + timedelta(days=4)).replace(day=1)
-    )
-    after_end = end + timedelta(days=1)
-    last_whole = after_end.replace(day=1) - timedelta(days=1)
-    if first_whole > last_whole:
+    first_whole = start if start.day == 1 else _next_month(start)
+    last_whole = end if end.day == monthrange(end.year, end.month)[1] else _month_before_end(end)
+    if first_whole is None or last_whole is None or first_whole > last_whole:
         return [(start, end, False)]
     pieces = [(start, first_whole - timedelta(days=1), False)] if start < first_whole else []
     pieces.append((first_whole, last_whole, True))
     if last_whole < end:
         pieces.append((last_whole + timedelta(days=1), end, False))
     return pieces
+
+
+def _next_month(day: date) -> date | None:
+    """The first day of the month after `day`'s (None past the calendar's end)."""
+    if day.year == date.max.year and day.month == 12:
+        return None
+    return date(day.year + day.month // 12, day.month % 12 + 1, 1)
+
+
+def _month_before_end(day: date) -> date | None:
+    """The last day of the month before `day`'s (None before the calendar's start)."""
+    if day.year == date.min.year and day.month == 1:
+        return None
+    return day.replace(day=1) - timedelta(days=1)
 
 
 DaySource = tuple[MetricsSource, int]  # the source of days, and its probe depth
@@ -359,11 +375,16 @@ def plan_parts(
     )
 
 
-async def answer(
-    db: crud.Executor, cache: NameCache, query: MetricsQuery, today: date, max_span_days: int
-) -> MetricsPage:
-    """The page of groups, the totals and the number of groups a question asks for; one 422
-    (InvalidParameters) listing every problem when it breaks rules or names unknown values."""
+async def plan_question(
+    db: crud.Executor,
+    cache: NameCache,
+    query: MetricsQuestion,
+    today: date,
+    max_span_days: int,
+    page: tuple[int, int] = (0, 0),
+) -> MetricsPlan:
+    """The plan of a question (`page`: its limit and offset); one 422 (InvalidParameters)
+    listing every problem when it breaks rules or names unknown values."""
     problems = rule_problems(query, today, max_span_days)
     filters, unknown = await filter_ids(db, cache, query)
     excludes, unknown_excluded = await filter_ids(db, cache, query, "exclude_")
@@ -378,7 +399,7 @@ async def answer(
         for name in DIMENSIONS:
             if name not in sizes:
                 sizes[name] = len((await resolve_names(db, cache, DIMENSIONS[name], []))[2])
-    plan = MetricsPlan(
+    return MetricsPlan(
         parts=plan_parts(start, end, query.group_by, day_source(filters, sizes, mask)),
         set_mask=mask,
         filters=filters,
@@ -387,10 +408,42 @@ async def answer(
         fields=returned_fields(query),
         group_by=tuple(query.group_by),
         sort=query.sort,
-        limit=query.limit,
-        offset=query.offset,
+        limit=page[0],
+        offset=page[1],
     )
+
+
+async def answer(
+    db: crud.Executor, cache: NameCache, query: MetricsQuery, today: date, max_span_days: int
+) -> MetricsPage:
+    """The page of groups, the totals and the number of groups a question asks for."""
+    page = (query.limit, query.offset)
+    plan = await plan_question(db, cache, query, today, max_span_days, page)
     return await crud.query_metrics(db, plan)
+
+
+async def export_lines(
+    db: AsyncConnection, plan: MetricsPlan, format: Literal["csv", "ndjson"]
+) -> AsyncIterator[str]:
+    """Every row of a question, as CSV (a header first) or NDJSON, read through a server-side
+    cursor a batch at a time, so memory holds one batch whatever the number of rows."""
+    columns = [*plan.group_by, *plan.fields]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    if format == "csv":
+        writer.writerow(columns)
+    async for batch in crud.stream_metrics_rows(db, plan):
+        for record in batch:
+            if format == "csv":
+                writer.writerow([csv_cell(record[column]) for column in columns])
+            else:
+                row = MetricsRow.model_validate({column: record[column] for column in columns})
+                buffer.write(row.model_dump_json(exclude_unset=True))
+                buffer.write("\n")
+        yield buffer.getvalue()
+        buffer.seek(0)
+        buffer.truncate()
+    yield buffer.getvalue()
 
 
 # --- CSV ---------------------------------------------------------------------------------------
@@ -440,6 +493,7 @@ async def write_facts(
     load with the foreign keys checked once), the cubes of those days' months summed again (by
     `write` itself when `writes_cubes`, from the rows it writes) and fresh planner statistics,
     committed together. Returns what `write` returns (facts written)."""
+    await crud.take_the_writers_turn(session)  # before any facts are read (a no-op if held)
     await crud.ensure_dates(session, days)
     if bulk:
         async with crud.foreign_keys_checked_once(session):
@@ -468,16 +522,22 @@ async def replace_cubes(session: AsyncSession, months: AsyncIterable[MonthFacts]
     """Replace the cubes' rows of each month by the sums of its facts. Each month is summed in a
     thread while the next one is read or written, so the database and the summing overlap."""
     summing: tuple[int, asyncio.Task[tuple[bytes, bytes]]] | None = None
-    async for month, facts in months:
+    try:
+        async for month, facts in months:
+            if summing is not None:
+                await _replace_cube_rows(session, *summing)
+                summing = None
+            if isinstance(facts, bytes):
+                task = asyncio.to_thread(cube.cube_copies, facts, crud.FACT_CELL_TYPES)
+            else:
+                task = asyncio.to_thread(cube.cube_copies_of, facts)
+            summing = (month, asyncio.create_task(task))
         if summing is not None:
             await _replace_cube_rows(session, *summing)
-        if isinstance(facts, bytes):
-            task = asyncio.to_thread(cube.cube_copies, facts, crud.FACT_CELL_TYPES)
-        else:
-            task = asyncio.to_thread(cube.cube_copies_of, facts)
-        summing = (month, asyncio.create_task(task))
-    if summing is not None:
-        await _replace_cube_rows(session, *summing)
+            summing = None
+    finally:
+        if summing is not None:  # a failure elsewhere: the sum in flight is not left dangling
+            await asyncio.gather(summing[1], return_exceptions=True)
 
 
 async def refresh_cubes(session: AsyncSession, days: Collection[date]) -> None:
@@ -511,6 +571,7 @@ async def seed_facts(
 ) -> int:
     """The demo dimensions and `days` days of demo facts ending `end`, replacing those days'
     facts; returns how many facts were written."""
+    await crud.take_the_writers_turn(session)  # before its days' facts are deleted
     by_name = await dimension_ids(session, DEMO_VALUES)
     ids = {
         name: [by_name[name][value.casefold()] for value in values]
@@ -567,6 +628,7 @@ async def load_facts(
     they name (each as first spelled in the file). Nothing is written when the file has errors
     (`check.errors`) or gives a key twice; the staging runs on a malformed file too, so that one
     run reports both."""
+    await crud.take_the_writers_turn(session)  # before the facts are staged against
     ids = await dimension_ids(
         session, {dimension: names.values() for dimension, names in check.names.items()}
     )

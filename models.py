@@ -371,7 +371,8 @@ class FactAdMetricsDaily(SQLModel, table=True):
 # 32); k1, k2, ... hold the ids of the set's dimensions in that order, 0 past the set's size.
 # Sums are 64-bit integers and cost is in cents, so they add up exactly and fast. metrics.py keeps
 # them in step with the facts, in the transaction that writes the facts, a month at a time
-# (delete, then COPY); as their only writer it keeps them free of duplicates without a unique key:
+# (delete, then COPY), one writer at a time (an advisory lock); as their only writer it keeps
+# them free of duplicates without a unique key:
 # an index on (set_id, period) finds a set's days, deduplicated to a few megabytes, where a
 # primary key over every column would be as big as the rows.
 def _cube(name: str, period: str, key_count: int) -> Table:
@@ -425,7 +426,7 @@ MONTHLY_CUBE_SETS = tuple(range(ALL_DIMENSIONS + 1))
 
 
 def dimension_mask(names: Iterable[str]) -> int:
-    """The bit mask of a set of dimensions (see CubeDaily)."""
+    """The bit mask of a set of dimensions (see CUBE_DAILY)."""
     order = list(DIMENSIONS)
     return sum(1 << order.index(name) for name in set(names))
 
@@ -514,7 +515,10 @@ GroupByList = Annotated[list[GroupBy], PydanticField(json_schema_extra={"uniqueI
 # by the schema; the rules between parameters, and those that need the clock, the settings or
 # the database, by metrics.answer, so that one 422 names them all. The descriptions state those
 # rules in the OpenAPI document.
-class MetricsQuery(SQLModel):
+class MetricsQuestion(SQLModel):
+    """A question's range, filters, groups, metrics, conditions and order: what GET /metrics and
+    GET /metrics/export share."""
+
     start_date: date | None = Field(
         default=None, description="First day, inclusive; given with end_date, not with preset."
     )
@@ -570,10 +574,20 @@ class MetricsQuery(SQLModel):
         description="A grouped field or a metric, `-` for descending. "
         "Default: the time group, then the other groups.",
     )
+
+
+class MetricsQuery(MetricsQuestion):
     limit: int = Field(default=100, ge=1, le=1000)
     offset: int = Field(default=0, ge=0, le=INT32_MAX)
     format: Literal["json", "csv"] | None = Field(
         default=None, description="`csv` streams the rows as CSV (so does `Accept: text/csv`)."
+    )
+
+
+class MetricsExport(MetricsQuestion):
+    format: Literal["csv", "ndjson"] = Field(
+        default="csv",
+        description="`csv` (a header, then a line per row) or `ndjson` (a JSON object per line).",
     )
 
 

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
     # and logins keep the main pool whatever /metrics does.
     METRICS_MAX_CONCURRENT: int = Field(default=4, ge=1, le=100)
     METRICS_QUEUE_SECONDS: float = Field(default=2.0, ge=0, le=60)
+    # GET /metrics/export streams every row of a question, this many at a time per process (each
+    # also holds one of the METRICS_MAX_CONCURRENT turns while it streams); one more is 503.
+    METRICS_MAX_EXPORTS: int = Field(default=2, ge=1, le=100)
     # statement_timeout of the analytics pool: a question that runs longer is 503.
     METRICS_STATEMENT_TIMEOUT_MS: int = Field(default=30_000, ge=1)
     # GET /pets (a name search scans the table) runs this many at a time per process; one more

@@ -97,9 +97,14 @@ def client_for(application: FastAPI, **options: object) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=transport, base_url="http://test")
 
 
+def cli_environment(settings: Settings) -> dict[str, str]:
+    """The environment of `python cli.py ...` against the test database and Redis."""
+    return {**os.environ, "DATABASE_URL": settings.DATABASE_URL, "REDIS_URL": settings.REDIS_URL}
+
+
 def run_cli(settings: Settings, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     """`python cli.py ...` against the test database and Redis."""
-    env = {**os.environ, "DATABASE_URL": settings.DATABASE_URL, "REDIS_URL": settings.REDIS_URL}
+    env = cli_environment(settings)
     return subprocess.run(
         [sys.executable, "cli.py", *args],
         input=stdin,

@@ -3,6 +3,8 @@ gives; each answer, from whichever sources the planner picks, equals plain SQL o
 every source gives the same answer as every other; and all of this holds after load-metrics
 writes days inside a whole month and inside a partial one."""
 
+import asyncio
+import sys
 from dataclasses import replace
 from datetime import date
 from pathlib import Path
@@ -27,8 +29,10 @@ from models import (
 )
 from settings import Settings
 from tests.helpers import (
+    ROOT,
     assert_cubes_hold_the_facts_sums,
     checksum,
+    cli_environment,
     expected_metrics,
     passes,
     plain_sql,
@@ -135,7 +139,7 @@ async def assert_answers_equal_plain_sql(
 
 
 ZERO_TOTALS = {
-    "impressions": 0, "clicks": 0, "cost": "0", "conversions": 0, "likes": 0,
+    "impressions": 0, "clicks": 0, "cost": "0.00", "conversions": 0, "likes": 0,
     "ctr": None, "cpc": None, "cpm": None, "cpa": None, "cvr": None,
 }  # fmt: skip
 
@@ -249,6 +253,28 @@ def test_the_planner_reads_whole_months_from_the_monthly_cube() -> None:
     assert metrics.split_range(date(2025, 12, 31), date(2026, 1, 1)) == [
         (date(2025, 12, 31), date(2026, 1, 1), False)
     ]
+
+
+@pytest.mark.usefixtures("season")
+async def test_ranges_at_the_ends_of_the_calendar_are_answered(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    assert metrics.split_range(date(9999, 12, 1), date(9999, 12, 31)) == [
+        (date(9999, 12, 1), date(9999, 12, 31), True)
+    ]
+    assert metrics.split_range(date(9999, 12, 2), date(9999, 12, 31)) == [
+        (date(9999, 12, 2), date(9999, 12, 31), False)
+    ]
+    assert metrics.split_range(date(1, 1, 1), date(1, 1, 30)) == [
+        (date(1, 1, 1), date(1, 1, 30), False)
+    ]
+    for start, end in (
+        (date(9999, 12, 1), date(9999, 12, 31)),
+        (date(9997, 1, 2), date(9999, 12, 31)),
+        (date(1, 1, 1), date(1, 1, 31)),
+        (date(2020, 1, 1), date(2020, 2, 29)),  # a whole leap February, no facts
+    ):
+        await assert_answers_equal_plain_sql(client, session, ["month"], {}, start, end)
 
 
 def test_the_planner_reads_days_from_the_smallest_source() -> None:
@@ -384,3 +410,20 @@ async def test_conditions_equal_plain_sql_filtered_by_them(
     assert sorted(map(str, body["rows"])) == sorted(map(str, kept))
     assert body["total_rows"] == len(kept)
     assert body["totals"] == expected_metrics(kept)
+
+
+@pytest.mark.usefixtures("changed_season")
+async def test_writers_of_facts_take_turns(
+    settings: Settings, session: AsyncSession, tmp_path: Path
+) -> None:
+    # This session holds the writers' turn, as a load in progress does.
+    await crud.take_the_writers_turn(session)
+    path = write_csv(tmp_path, "2026-09-20,Germany,18-24,female,facebook,feed,mobile,90,9,0.90,1,1")
+    load = await asyncio.create_subprocess_exec(
+        sys.executable, "cli.py", "load-metrics", str(path), cwd=ROOT, env=cli_environment(settings)
+    )
+    with pytest.raises(TimeoutError):  # it waits for the turn
+        await asyncio.wait_for(asyncio.shield(load.wait()), 1.5)
+    await session.rollback()  # the turn is given back
+    assert await asyncio.wait_for(load.wait(), 30) == 0
+    await assert_cubes_hold_the_facts_sums(session)

@@ -1,5 +1,8 @@
 """GET /metrics and /dimensions against a hand-made star schema, and seed/load of facts."""
 
+import csv
+import io
+import json
 from collections.abc import AsyncIterator
 from datetime import date
 from decimal import Decimal
@@ -530,3 +533,43 @@ async def test_unknown_dimension_is_404(client: httpx.AsyncClient) -> None:
     response = await client.get("/dimensions/colour")
     assert response.status_code == 404
     assert "region" in response.json()["detail"]
+
+
+# --- exports ----------------------------------------------------------------------------------
+
+
+async def test_an_export_streams_every_row_as_csv_or_ndjson(client: httpx.AsyncClient) -> None:
+    params = {"group_by": ["date", "region"], "sort": "-cost", "fields": ["cost", "ctr"]}
+    page = await get_metrics(client, **params)
+    csv_answer = await client.get("/metrics/export", params=params)
+    assert csv_answer.status_code == 200, csv_answer.text
+    assert csv_answer.headers["content-type"] == "text/csv; charset=utf-8"
+    lines = list(csv.reader(io.StringIO(csv_answer.text)))
+    assert lines[0] == ["date", "region", "cost", "ctr"]
+    assert [line[:3] for line in lines[1:]] == [
+        [r["date"], r["region"], r["cost"]] for r in page["rows"]
+    ]
+    # The page's own CSV, every row of it: the question has fewer than a page.
+    page_csv = await client.get("/metrics", params={**params, "format": "csv"})
+    assert csv_answer.text == page_csv.text
+    assert len(lines) - 1 == page["total_rows"]
+    ndjson = await client.get("/metrics/export", params={**params, "format": "ndjson"})
+    assert ndjson.headers["content-type"] == "application/x-ndjson"
+    assert [json.loads(line) for line in ndjson.text.splitlines()] == page["rows"]
+
+
+@pytest.mark.parametrize(
+    ("params", "loc"),
+    [
+        ({"region": "Atlantis"}, "region"),
+        ({"limit": "5"}, "limit"),
+        ({"format": "json"}, "format"),
+        ({"where": "cpc>1", "fields": "cost"}, "where"),
+    ],
+)
+async def test_an_export_refuses_what_a_question_refuses(
+    client: httpx.AsyncClient, params: dict[str, str], loc: str
+) -> None:
+    response = await client.get("/metrics/export", params=params)
+    assert response.status_code == 422, response.text
+    assert [e["loc"] for e in response.json()["errors"]] == [["query", loc]]
