@@ -79,7 +79,8 @@ def map_case(
     _context: schemathesis.HookContext, case: schemathesis.Case[Any]
 ) -> schemathesis.Case[Any]:
     positive = case.meta is not None and case.meta.generation.mode.is_positive
-    if positive and case.operation.path == "/metrics" and isinstance(case.query, dict):
+    questions = ("/metrics", "/metrics/export")
+    if positive and case.operation.path in questions and isinstance(case.query, dict):
         _follow_metrics_rules(case.query)
     if positive and case.operation.path.startswith("/pets"):
         _follow_name_rule(case.body)
