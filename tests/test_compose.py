@@ -209,11 +209,16 @@ def run(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[
     )
 
 
-def readme_curl_block() -> str:
-    """The README's "Use it" examples, as a new user would paste them."""
-    readme = Path(ROOT, "README.md").read_text()
-    section = readme.split("\n## Use it\n", 1)[1].split("\n## ", 1)[0]
+def curl_block(path: str, heading: str) -> str:
+    """The first sh block under a heading of a Markdown file, as a new user would paste it."""
+    text = Path(ROOT, path).read_text()
+    section = text.split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
     return section.split("```sh\n", 1)[1].split("```", 1)[0]
+
+
+def readme_curl_block() -> str:
+    """The README's "Use it" examples, then the metrics page's one per feature."""
+    return curl_block("README.md", "Use it") + curl_block("docs/metrics.md", "Examples")
 
 
 def port_is_free(port: int) -> bool:
