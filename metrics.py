@@ -432,10 +432,11 @@ async def export_lines(
     writer = csv.writer(buffer, lineterminator="\n")
     if format == "csv":
         writer.writerow(columns)
+    names = {name for name in plan.group_by if name in DIMENSIONS}  # text a spreadsheet may run
     async for batch in crud.stream_metrics_rows(db, plan):
         for record in batch:
-            if format == "csv":
-                writer.writerow([csv_cell(record[column]) for column in columns])
+            if format == "csv":  # the csv module writes None as an empty cell, as csv_cell does
+                writer.writerow([csv_cell(record[c]) if c in names else record[c] for c in columns])
             else:
                 row = MetricsRow.model_validate({column: record[column] for column in columns})
                 buffer.write(row.model_dump_json(exclude_unset=True))

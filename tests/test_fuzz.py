@@ -60,7 +60,8 @@ def test_schemathesis_finds_nothing(fuzz_server: str) -> None:
     schemathesis = Path(sys.executable).parent / "schemathesis"
     result = subprocess.run(
         [
-            str(schemathesis), "run", f"{fuzz_server}/openapi.json",
+            str(schemathesis), "--config-file", "tests/schemathesis.toml",
+            "run", f"{fuzz_server}/openapi.json",
             "--header", f"Authorization: Bearer {token}",
             "--checks", CHECKS,
             "--max-examples", MAX_EXAMPLES,
