@@ -463,7 +463,7 @@ class MetricsPart:
 @dataclass(frozen=True, kw_only=True)
 class MetricsPlan:
     """A metrics question in ids, and where each part of its range is read from: what
-    crud.query_metrics runs. `set_mask` names the dimensions it filters or groups by."""
+    crud.query_metrics runs. `set_mask` names the dimensions it filters, excludes or groups by."""
 
     parts: tuple[MetricsPart, ...]
     set_mask: int
