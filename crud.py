@@ -657,19 +657,12 @@ async def read_fact_cells(session: AsyncSession, first_id: int, last_id: int) ->
 
 
 async def replace_cube_rows(
-    session: AsyncSession, first_month: int, last_month: int, daily: bytes, monthly: bytes
+    session: AsyncSession, month: int, daily: bytes, monthly: bytes
 ) -> None:
-    """Replace the cubes' rows of a range of months (month_ids) by these binary COPYs."""
-    first_day, last_day = first_month * 100 + 1, last_month * 100 + 31
-    await _run(
-        session,
-        CUBES["daily"].delete().where(CUBES["daily"].c.date_id.between(first_day, last_day)),
-    )
-    monthly_cube = CUBES["monthly"]
-    await _run(
-        session,
-        monthly_cube.delete().where(monthly_cube.c.month_id.between(first_month, last_month)),
-    )
+    """Replace the cubes' rows of a month (a month_id) by these binary COPYs."""
+    days = CUBES["daily"].c.date_id.between(month * 100 + 1, month * 100 + 31)
+    await _run(session, CUBES["daily"].delete().where(days))
+    await _run(session, CUBES["monthly"].delete().where(CUBES["monthly"].c.month_id == month))
     await copy_binary(session, "cube_daily", daily)
     await copy_binary(session, "cube_monthly", monthly)
 

@@ -502,7 +502,7 @@ async def write_facts(
     else:
         written = await write()
     if not writes_cubes:
-        await replace_cubes(session, _read_months(session, days))
+        await refresh_cubes(session, days)
     await crud.after_bulk_load(session)
     await session.commit()
     return written
@@ -550,7 +550,7 @@ async def _replace_cube_rows(
     session: AsyncSession, month: int, summing: asyncio.Task[tuple[bytes, bytes]]
 ) -> None:
     daily, monthly = await summing
-    await crud.replace_cube_rows(session, month, month, daily, monthly)
+    await crud.replace_cube_rows(session, month, daily, monthly)
 
 
 async def dimension_ids(
