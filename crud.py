@@ -26,6 +26,7 @@ from sqlalchemy import (
     Select,
     Table,
     UnaryExpression,
+    and_,
     bindparam,
     cast,
     exists,
@@ -49,6 +50,7 @@ from models import (
     CUBE_MONTHLY,
     DIMENSIONS,
     MEASURES,
+    METRICS,
     TIME_GROUPS,
     DimDate,
     Dimension,
@@ -57,7 +59,7 @@ from models import (
     MetricsPlan,
     MetricsRow,
     MetricsSource,
-    MetricValues,
+    MetricTotals,
     Pet,
     PetCreate,
     PetPublic,
@@ -290,20 +292,26 @@ async def dimension_values(db: Executor, dimension: Dimension) -> list[tuple[int
     return [(row["id"], row["name"]) for row in result.mappings()]
 
 
-def _ratios(sums: Mapping[str, ColumnElement[Any]], prefix: str = "") -> list[Label[Any]]:
+def _ratio_values(sums: Mapping[str, ColumnElement[Any]]) -> dict[str, ColumnElement[Any]]:
     """Ratios of sums, rounded to 6 places; NULL where the denominator is 0."""
 
     def ratio(numerator: str, denominator: str, scale: int = 1) -> ColumnElement[Any]:
         top = sums[numerator] * scale if scale != 1 else sums[numerator]
         return func.round(cast(top, Numeric) / func.nullif(sums[denominator], 0), 6)
 
-    return [
-        ratio("clicks", "impressions").label(f"{prefix}ctr"),
-        ratio("cost", "clicks").label(f"{prefix}cpc"),
-        ratio("cost", "impressions", 1000).label(f"{prefix}cpm"),
-        ratio("cost", "conversions").label(f"{prefix}cpa"),
-        ratio("conversions", "clicks").label(f"{prefix}cvr"),
-    ]
+    return {
+        "ctr": ratio("clicks", "impressions"),
+        "cpc": ratio("cost", "clicks"),
+        "cpm": ratio("cost", "impressions", 1000),
+        "cpa": ratio("cost", "conversions"),
+        "cvr": ratio("conversions", "clicks"),
+    }
+
+
+def _change(value: ColumnElement[Any], previous: ColumnElement[Any]) -> ColumnElement[Any]:
+    """(value - previous) / previous, rounded to 6 places; NULL where either is NULL or the
+    previous is 0."""
+    return func.round(cast(value - previous, Numeric) / func.nullif(previous, 0), 6)
 
 
 def metrics_statement(
@@ -313,6 +321,7 @@ def metrics_statement(
     and the values to run it with."""
     shape = _MetricsShape(
         tuple((part.source, part.probe_depth) for part in plan.parts),
+        tuple((part.source, part.probe_depth) for part in plan.previous),
         plan.set_mask,
         plan.group_by,
         plan.sort,
@@ -328,7 +337,9 @@ def metrics_statement(
         **{f"exclude_{name}_ids": ids for name, ids in plan.excludes.items()},
         **{f"condition_{n}": number for n, (_, _, number) in enumerate(plan.conditions)},
     }
-    for number, part in enumerate(plan.parts):
+    if plan.previous:
+        values.update({f"start_{period}": day for period, day in enumerate(plan.starts)})
+    for number, part in enumerate((*plan.parts, *plan.previous)):
         values[f"first_{number}"] = part.first_id
         values[f"last_{number}"] = part.last_id
         if part.source == "fact_probes":
@@ -346,11 +357,15 @@ def day_of(date_id: int) -> date:
     return date(date_id // 10000, date_id // 100 % 100, date_id % 100)
 
 
+Source = tuple[MetricsSource, int]  # and the probe depth
+
+
 @dataclass(frozen=True)
 class _MetricsShape:
     """What a metrics statement depends on besides its values: one statement is built per shape."""
 
-    sources: tuple[tuple[MetricsSource, int], ...]  # and the probe depth
+    sources: tuple[Source, ...]
+    previous: tuple[Source, ...]  # of the earlier period, when comparing
     set_mask: int
     group_by: tuple[str, ...]
     sort: str | None
@@ -365,10 +380,10 @@ CUBES: dict[MetricsSource, Table] = {"daily": CUBE_DAILY, "monthly": CUBE_MONTHL
 FACT_KEY_ORDER = [column.name for column in FACT.primary_key.columns][1:]
 
 
-def _part(shape: _MetricsShape, number: int, time_grouped: bool) -> Select[Any]:
-    """One part of the range, as rows of (date_id when grouped by time), the ids of the dimensions
+def _part(shape: _MetricsShape, number: int, source: Source, time_grouped: bool) -> Select[Any]:
+    """One part of a range, as rows of (date_id when grouped by time), the ids of the dimensions
     grouped by and the measures. A monthly row stands for the first day of its month."""
-    source, depth = shape.sources[number]
+    source_name, depth = source
     used = dimensions_of(shape.set_mask)  # filtered or grouped by
     grouped = [name for name in used if name in shape.group_by]
     first = bindparam(f"first_{number}", type_=Integer)
@@ -377,12 +392,12 @@ def _part(shape: _MetricsShape, number: int, time_grouped: bool) -> Select[Any]:
     def ids(name: str) -> Any:
         return bindparam(f"{name}_ids", expanding=True, type_=Integer)
 
-    if source in CUBES:
-        cube = CUBES[source]
-        period = cube.c.date_id if source == "daily" else cube.c.month_id
+    if source_name in CUBES:
+        cube = CUBES[source_name]
+        period = cube.c.date_id if source_name == "daily" else cube.c.month_id
         keys = {name: cube.c[f"k{n + 1}"] for n, name in enumerate(used)}
         conditions = [cube.c.set_id == literal(shape.set_mask), period.between(first, last)]
-        day = period if source == "daily" else period * 100 + 1
+        day = period if source_name == "daily" else period * 100 + 1
         measures = [cube.c[m] for m in MEASURES if m != "cost"]
         cost = (cube.c.cost_cents * literal(Decimal("0.01"))).label("cost")
         sums = [*measures[:2], cost, *measures[2:]]
@@ -397,7 +412,7 @@ def _part(shape: _MetricsShape, number: int, time_grouped: bool) -> Select[Any]:
     conditions += [
         FACT.c[DIMENSIONS[name].id_column].not_in(ids(f"exclude_{name}")) for name in shape.excludes
     ]
-    if source == "facts":
+    if source_name == "facts":
         conditions.append(FACT.c.date_id.between(first, last))
     else:
         # date_id = ANY(days) and each of the key's first `depth` columns given as an array
@@ -415,37 +430,90 @@ def _part(shape: _MetricsShape, number: int, time_grouped: bool) -> Select[Any]:
     return core_select(*selected, *(FACT.c[m] for m in MEASURES)).where(*conditions)
 
 
-# Building the statement costs more than running it on a cube; its values are bound per run.
-@lru_cache(maxsize=512)
-def _metrics_statement(shape: _MetricsShape) -> Select[Any]:
-    """One statement: the page of groups, and on every row the totals and the number of groups.
+def _month_number(day: ColumnElement[Any]) -> ColumnElement[int]:
+    """Months since the start of year 0: consecutive months are consecutive numbers."""
+    return cast(func.extract("year", day) * 12 + func.extract("month", day) - 1, Integer)
 
-    Each part of the range is read from its source (see _part), the parts are summed together
+
+def _isodow(day: ColumnElement[Any]) -> ColumnElement[int]:
+    return cast(func.extract("isodow", day), Integer)
+
+
+def _bucket(group: str, day: ColumnElement[Any]) -> ColumnElement[Any]:
+    """The time bucket of a day: the day, its Monday, the first day of its month, quarter or
+    year, or its ISO day of the week (1 Monday to 7 Sunday)."""
+    if group == "date":
+        return day
+    if group == "day_of_week":
+        return _isodow(day)
+    return cast(func.date_trunc(group, day), Date)
+
+
+def _position(group: str, day: ColumnElement[Any], start: ColumnElement[Any]) -> Any:
+    """The position of a day's bucket among those of a period starting on `start` (0 for the
+    first); a day of the week is its own position, so Mondays match Mondays."""
+    if group == "date":
+        return day - start
+    if group == "week":
+        return (day - start + _isodow(start) - 1) // 7
+    if group == "month":
+        return _month_number(day) - _month_number(start)
+    if group == "quarter":
+        return _month_number(day) // 3 - _month_number(start) // 3
+    if group == "year":
+        return cast(func.extract("year", day), Integer) - cast(func.extract("year", start), Integer)
+    return _isodow(day)
+
+
+def _bucket_at(group: str, position: ColumnElement[Any], start: ColumnElement[Any]) -> Any:
+    """The bucket at a position of a period starting on `start` (what _position inverts)."""
+    if group == "date":
+        return start + position
+    if group == "week":
+        return start - (_isodow(start) - 1) + position * 7
+    if group == "day_of_week":
+        return position
+    if group == "month":
+        month = _month_number(start) + position
+    elif group == "quarter":
+        month = _month_number(start) // 3 * 3 + position * 3
+    else:
+        month = (cast(func.extract("year", start), Integer) + position) * 12
+    return func.make_date(month // 12, month % 12 + 1, 1, type_=Date)
+
+
+def _grouped(shape: _MetricsShape, period: int) -> CTE:
+    """The grouped rows of the range (period 0) or of the earlier period (1): the groups' names
+    and time buckets (when comparing, the buckets' positions), the sums and the ratios.
+
+    Each part of the period is read from its source (see _part), the parts are summed together
     on their ids, and only that result is joined to the small dimension tables for names and
     to calendar buckets, then summed again by those."""
     time_grouped = any(group in TIME_GROUPS for group in shape.group_by)
-    parts = [_part(shape, number, time_grouped) for number in range(len(shape.sources))]
-    united = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery("parts")
+    offset = len(shape.sources) if period else 0
+    sources = shape.previous if period else shape.sources
+    parts = [
+        _part(shape, offset + number, source, time_grouped) for number, source in enumerate(sources)
+    ]
+    united = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery(f"parts_{period}")
     id_columns = [DIMENSIONS[name].id_column for name in shape.group_by if name in DIMENSIONS]
     keys = [united.c[key] for key in (["date_id"] if time_grouped else []) + id_columns]
     by_ids = (
         core_select(*keys, *(func.sum(united.c[m]).label(m) for m in MEASURES))
         .group_by(*keys)
-        .cte("by_ids")
+        .cte(f"by_ids_{period}")
     )
 
     source: FromClause = by_ids
     if time_grouped:
         date_id = by_ids.c.date_id
-        day = func.make_date(date_id // 10000, date_id // 100 % 100, date_id % 100)
+        day = func.make_date(date_id // 10000, date_id // 100 % 100, date_id % 100, type_=Date)
+    start = bindparam(f"start_{period}", type_=Date)
     groups: list[Label[Any]] = []
     for group in shape.group_by:
-        if group == "date":
-            groups.append(day.label(group))
-        elif group == "day_of_week":
-            groups.append(cast(func.extract("isodow", day), Integer).label(group))
-        elif group in TIME_GROUPS:
-            groups.append(cast(func.date_trunc(group, day), Date).label(group))
+        if group in TIME_GROUPS:
+            bucket = _position(group, day, start) if shape.previous else _bucket(group, day)
+            groups.append(bucket.label(group))
         else:
             dimension = DIMENSIONS[group]
             table = _table(dimension.table)
@@ -454,15 +522,47 @@ def _metrics_statement(shape: _MetricsShape) -> Select[Any]:
             )
             groups.append(table.c[dimension.name_column].label(group))
     sums = {m: func.sum(by_ids.c[m]) for m in MEASURES}
-    grouped = (
-        core_select(*groups, *(sums[m].label(m) for m in MEASURES), *_ratios(sums))
+    metrics = {**sums, **_ratio_values(sums)}
+    return (
+        core_select(*groups, *(value.label(m) for m, value in metrics.items()))
         .select_from(source)
         .group_by(*groups)
         # Without groups the sums form one row even when nothing matched; drop it then.
         .having(func.count(by_ids.c.impressions) > 0)
-        .cte("grouped")
+        .cte(f"grouped_{period}")
     )
 
+
+def _compared(shape: _MetricsShape) -> CTE:
+    """The range's grouped rows beside the earlier period's, matched on their names and the
+    positions of their time buckets (labelled as the range's), with each metric's change; a
+    group found in one period only has NULLs for the other."""
+    now, before = _grouped(shape, 0), _grouped(shape, 1)
+    matched = [now.c[group] == before.c[group] for group in shape.group_by]
+    joined = now.outerjoin(before, and_(*matched) if matched else true(), full=True)
+    start = bindparam("start_0", type_=Date)
+    groups = []
+    for group in shape.group_by:
+        value = func.coalesce(now.c[group], before.c[group])
+        groups.append(_bucket_at(group, value, start) if group in TIME_GROUPS else value)
+    return (
+        core_select(
+            *(value.label(group) for group, value in zip(shape.group_by, groups, strict=True)),
+            *(now.c[m] for m in METRICS),
+            *(before.c[m].label(f"previous_{m}") for m in METRICS),
+            *(_change(now.c[m], before.c[m]).label(f"change_{m}") for m in METRICS),
+        )
+        .select_from(joined)
+        .cte("compared")
+    )
+
+
+# Building the statement costs more than running it on a cube; its values are bound per run.
+@lru_cache(maxsize=512)
+def _metrics_statement(shape: _MetricsShape) -> Select[Any]:
+    """One statement: the page of groups, and on every row the totals and the number of groups
+    (or, for an export, every row in order)."""
+    grouped = _compared(shape) if shape.previous else _grouped(shape, 0)
     if shape.conditions:  # like HAVING: on the grouped rows, before the page and the totals
         grouped = core_select(grouped).where(*_conditions(shape, grouped)).cte("passing")
     order = _metrics_order(shape, grouped)
@@ -475,16 +575,27 @@ def _metrics_statement(shape: _MetricsShape) -> Select[Any]:
         .offset(bindparam("offset", type_=Integer))
         .cte("page")
     )
-    total_sums = {m: func.coalesce(func.sum(grouped.c[m]), 0) for m in MEASURES}
-    totals = core_select(
-        func.count().label("total_rows"),
-        *(total_sums[m].label(f"total_{m}") for m in MEASURES),
-        *_ratios(total_sums, prefix="total_"),
-    ).cte("totals")
+    totals = _totals(grouped, compared=bool(shape.previous)).cte("totals")
     return (
         core_select(totals, page)
         .select_from(totals.outerjoin(page, true()))
         .order_by(page.c.position)
+    )
+
+
+def _totals(grouped: CTE, compared: bool) -> Select[Any]:
+    """The number of rows and the metrics of their sums (with those of the earlier period and
+    the changes, when comparing), as total_<metric>."""
+    sums = {m: func.coalesce(func.sum(grouped.c[m]), 0) for m in MEASURES}
+    totals = {**sums, **_ratio_values(sums)}
+    if compared:
+        earlier = {m: func.coalesce(func.sum(grouped.c[f"previous_{m}"]), 0) for m in MEASURES}
+        previous = {**earlier, **_ratio_values(earlier)}
+        totals |= {f"previous_{m}": previous[m] for m in METRICS}
+        totals |= {f"change_{m}": _change(totals[m], previous[m]) for m in METRICS}
+    return core_select(
+        func.count().label("total_rows"),
+        *(value.label(f"total_{name}") for name, value in totals.items()),
     )
 
 
@@ -517,7 +628,7 @@ async def query_metrics(db: Executor, plan: MetricsPlan) -> MetricsPage:
     result = await _run(db, *metrics_statement(plan))
     records = result.mappings().all()
     first = records[0]
-    totals = MetricValues.model_validate({m: first[f"total_{m}"] for m in plan.fields})
+    totals = MetricTotals.model_validate({m: first[f"total_{m}"] for m in plan.fields})
     rows = [
         MetricsRow.model_validate({key: record[key] for key in (*plan.group_by, *plan.fields)})
         for record in records

@@ -40,12 +40,14 @@ from metrics_data import (
     staging_line,
 )
 from models import (
+    COMPARED,
     CONDITION_OPERATORS,
     CUBE_MAX_DIMENSIONS,
     DAY_GROUPS,
     DIMENSIONS,
     METRICS,
     Dimension,
+    MetricsComparison,
     MetricsCsvRow,
     MetricsPage,
     MetricsPart,
@@ -54,6 +56,7 @@ from models import (
     MetricsQuestion,
     MetricsRow,
     MetricsSource,
+    compared_fields,
     date_id_of,
     dimension_mask,
 )
@@ -111,9 +114,37 @@ def date_range(query: MetricsQuestion, today: date) -> tuple[date, date]:
     return PRESETS[query.preset or "last_30d"](today)
 
 
+def previous_range(start: date, end: date, compare: MetricsComparison) -> tuple[date, date]:
+    """The earlier period of a comparison: as many days just before the range, or the same
+    dates a year earlier (29 February becomes 28 February). OverflowError before 0001-01-01."""
+    if compare == "previous_period":
+        return start - timedelta(days=(end - start).days + 1), start - timedelta(days=1)
+    return _year_before(start), _year_before(end)
+
+
+def _year_before(day: date) -> date:
+    if day.year == date.min.year:
+        raise OverflowError("date value out of range")
+    return day.replace(year=day.year - 1, day=min(day.day, monthrange(day.year - 1, day.month)[1]))
+
+
+# With compare, a bucket of the earlier period past the range's last one is labelled as the
+# bucket that would follow it (the earlier period may hold one more); this leaves room for that.
+LAST_COMPARED_DAY = date(date.max.year - 1, 12, 31)
+
+
 def returned_fields(query: MetricsQuestion) -> tuple[str, ...]:
-    """The metrics a question returns: those of fields=, in their order, else all of them."""
-    return tuple(dict.fromkeys(query.fields)) or METRICS
+    """The metrics a question returns: those of fields=, in their order, else all of them; with
+    compare, then their previous values and their changes."""
+    fields = tuple(dict.fromkeys(query.fields)) or METRICS
+    return compared_fields(fields) if query.compare else fields
+
+
+def _unreturned(name: str, query: MetricsQuestion) -> str:
+    """Why a metric a question names for sort or where is not in its result."""
+    if name.startswith(COMPARED) and not query.compare:
+        return f"{name} needs compare"
+    return f"{name}, which fields leaves out; add it"
 
 
 def rule_problems(query: MetricsQuestion, today: date, max_span_days: int) -> list[ErrorItem]:
@@ -137,6 +168,7 @@ def rule_problems(query: MetricsQuestion, today: date, max_span_days: int) -> li
             problems.append(
                 (["query", "end_date"], f"the range spans more than {max_span_days} days")
             )
+        problems += _comparison_problems(query, first, last)
     repeated = sorted({group for group in query.group_by if query.group_by.count(group) > 1})
     if repeated:
         problems.append(
@@ -151,19 +183,35 @@ def rule_problems(query: MetricsQuestion, today: date, max_span_days: int) -> li
     for text in query.where:
         metric = parse_condition(text)[0]
         if metric not in returned:
-            problems.append(
-                (["query", "where"], f"{text!r} is on {metric}, which fields leaves out; add it")
-            )
+            problems.append((["query", "where"], f"{text!r} is on {_unreturned(metric, query)}"))
     allowed = [*dict.fromkeys(query.group_by), *returned]
-    if query.sort is not None and query.sort.removeprefix("-") not in allowed:
+    sorted_on = (query.sort or "").removeprefix("-")
+    if query.sort is not None and sorted_on not in allowed:
+        why = (
+            f"{sorted_on} needs compare"
+            if sorted_on.startswith(COMPARED) and not query.compare
+            else "it is not in the result"
+        )
         problems.append(
             (
                 ["query", "sort"],
-                f"cannot sort on {query.sort.removeprefix('-')!r}: it is not in the result; "
-                f"allowed: {', '.join(allowed)}",
+                f"cannot sort on {sorted_on!r}: {why}; allowed: {', '.join(allowed)}",
             )
         )
     return problems
+
+
+def _comparison_problems(query: MetricsQuestion, start: date, end: date) -> list[ErrorItem]:
+    """The earlier period of a comparison must lie in the calendar, and so must its labels."""
+    if query.compare is None:
+        return []
+    try:
+        previous_range(start, end, query.compare)
+    except OverflowError:
+        return [(["query", "compare"], f"the {query.compare} would start before 0001-01-01")]
+    if end > LAST_COMPARED_DAY:
+        return [(["query", "compare"], f"compare needs a range ending by {LAST_COMPARED_DAY}")]
+    return []
 
 
 # Problems of a question are listed in the order of its parameters.
@@ -399,8 +447,16 @@ async def plan_question(
         for name in DIMENSIONS:
             if name not in sizes:
                 sizes[name] = len((await resolve_names(db, cache, DIMENSIONS[name], []))[2])
+    days_from = day_source(filters, sizes, mask)
+    previous: tuple[MetricsPart, ...] = ()
+    starts: tuple[date, ...] = (start,)
+    if query.compare is not None:
+        first, last = previous_range(start, end, query.compare)
+        previous, starts = plan_parts(first, last, query.group_by, days_from), (start, first)
     return MetricsPlan(
-        parts=plan_parts(start, end, query.group_by, day_source(filters, sizes, mask)),
+        parts=plan_parts(start, end, query.group_by, days_from),
+        previous=previous,
+        starts=starts,
         set_mask=mask,
         filters=filters,
         excludes=excludes,

@@ -442,6 +442,14 @@ DAY_GROUPS = ("date", "week", "day_of_week")
 MEASURES = ("impressions", "clicks", "cost", "conversions", "likes")
 RATIOS = ("ctr", "cpc", "cpm", "cpa", "cvr")
 METRICS = MEASURES + RATIOS
+# With compare, each returned metric <m> also comes as previous_<m> and change_<m>.
+COMPARED = ("previous_", "change_")
+
+
+def compared_fields(fields: Iterable[str]) -> tuple[str, ...]:
+    """The metrics of `fields`, then their previous values, then their changes."""
+    fields = tuple(fields)
+    return (*fields, *(prefix + name for prefix in COMPARED for name in fields))
 
 
 # Where a part of a question's range is read from: the facts by a date_id range scan, the facts
@@ -463,14 +471,18 @@ class MetricsPart:
 @dataclass(frozen=True, kw_only=True)
 class MetricsPlan:
     """A metrics question in ids, and where each part of its range is read from: what
-    crud.query_metrics runs. `set_mask` names the dimensions it filters, excludes or groups by."""
+    crud.query_metrics runs. `set_mask` names the dimensions it filters, excludes or groups by.
+    A comparison reads the earlier period from `previous`; `starts` are the first days of the
+    range and of that period, from which time buckets count their positions."""
 
     parts: tuple[MetricsPart, ...]
+    previous: tuple[MetricsPart, ...] = ()
+    starts: tuple[date, ...] = ()
     set_mask: int
     filters: dict[str, list[int]]
     excludes: dict[str, list[int]]
     conditions: tuple[tuple[str, str, Decimal], ...] = ()  # (metric, operator, number)
-    fields: tuple[str, ...] = METRICS  # the metrics returned
+    fields: tuple[str, ...] = METRICS  # the metrics returned (with compare, compared_fields)
     group_by: tuple[str, ...]
     sort: str | None
     limit: int
@@ -481,6 +493,7 @@ GroupBy = Literal[
     "date", "week", "month", "quarter", "year", "day_of_week", "region", "age_group", "gender",
     "platform", "placement", "device_type",
 ]  # fmt: skip
+# Sorts on a grouped field, a metric, or (with compare) a metric's previous value or change.
 MetricsSort = Literal[
     "date", "week", "month", "quarter", "year", "day_of_week", "region", "age_group", "gender",
     "platform", "placement", "device_type", "impressions", "clicks", "cost", "conversions",
@@ -488,6 +501,15 @@ MetricsSort = Literal[
     "-day_of_week", "-region", "-age_group", "-gender", "-platform", "-placement",
     "-device_type", "-impressions", "-clicks", "-cost", "-conversions", "-likes", "-ctr", "-cpc",
     "-cpm", "-cpa", "-cvr",
+    "previous_impressions", "previous_clicks", "previous_cost", "previous_conversions",
+    "previous_likes", "previous_ctr", "previous_cpc", "previous_cpm", "previous_cpa",
+    "previous_cvr", "-previous_impressions", "-previous_clicks", "-previous_cost",
+    "-previous_conversions", "-previous_likes", "-previous_ctr", "-previous_cpc",
+    "-previous_cpm", "-previous_cpa", "-previous_cvr",
+    "change_impressions", "change_clicks", "change_cost", "change_conversions", "change_likes",
+    "change_ctr", "change_cpc", "change_cpm", "change_cpa", "change_cvr", "-change_impressions",
+    "-change_clicks", "-change_cost", "-change_conversions", "-change_likes", "-change_ctr",
+    "-change_cpc", "-change_cpm", "-change_cpa", "-change_cvr",
 ]  # fmt: skip
 MetricsPreset = Literal[
     "yesterday", "last_7d", "last_14d", "last_30d", "last_90d", "this_week", "last_week",
@@ -499,10 +521,11 @@ Metric = Literal[
 ]
 CONDITION_OPERATORS = (">=", "<=", "!=", ">", "<", "=")  # two-character ones first
 CONDITION_PATTERN = (
-    rf"^({'|'.join(METRICS)})"
+    rf"^((?:previous_|change_)?(?:{'|'.join(METRICS)}))"
     rf"({'|'.join(CONDITION_OPERATORS)})(-?[0-9]{{1,15}}(\.[0-9]{{1,6}})?)$"
 )
-MetricCondition = Annotated[str, StringConstraints(max_length=40, pattern=CONDITION_PATTERN)]
+MetricCondition = Annotated[str, StringConstraints(max_length=60, pattern=CONDITION_PATTERN)]
+MetricsComparison = Literal["previous_period", "previous_year"]
 EXCLUDE = (
     "Repeatable: leaves out facts with these names (matched like the filter of the same "
     "dimension, and AND-ed with it: included and not excluded)."
@@ -564,14 +587,27 @@ class MetricsQuestion(SQLModel):
         max_length=20,
         description="Repeatable: a condition on a metric of each grouped row, "
         "`<metric><operator><number>` with `>`, `>=`, `<`, `<=`, `=` or `!=`, for example "
-        "`cost>100` or `ctr<0.005`. Every condition must hold (AND). They apply to the grouped "
-        "rows before paging, so `total_rows` and `totals` describe the rows that pass; a ratio "
-        "is compared as returned (6 places), and a row whose ratio is null passes no condition "
-        "on it.",
+        "`cost>100` or `ctr<0.005` (with compare, also on `previous_<metric>` or "
+        "`change_<metric>`: `change_cost>0.1`). Every condition must hold (AND). They apply to "
+        "the grouped rows before paging, so `total_rows` and `totals` describe the rows that "
+        "pass; a ratio is compared as returned (6 places), and a row whose value is null "
+        "passes no condition on it.",
+    )
+    compare: MetricsComparison | None = Field(
+        default=None,
+        description="Compare with an earlier period: `previous_period` (as many days, just "
+        "before the range) or `previous_year` (the same dates a year earlier; 29 February is "
+        "28 February). Every row and the totals gain `previous_<metric>` and `change_<metric>` "
+        "((value - previous) / previous, 6 places; null where either is missing or the "
+        "previous is 0) for each returned metric. Time buckets are matched by their position "
+        "in each period (day 1 with day 1, week 1 with week 1, ...; days of the week by "
+        "their number) and labelled as the range's; a group found in one period only has "
+        "nulls on the other side. `sort` and `where` may use the previous values and changes.",
     )
     sort: MetricsSort | None = Field(
         default=None,
-        description="A grouped field or a metric, `-` for descending. "
+        description="A grouped field or a returned metric (with compare, also its "
+        "`previous_` value or `change_`), `-` for descending; nulls come last. "
         "Default: the time group, then the other groups.",
     )
 
@@ -610,9 +646,9 @@ def _cents_text(value: Decimal | None) -> str | None:
 CENT = Decimal("0.01")
 DECIMAL_STRING = {"type": "string", "format": "decimal", "pattern": r"^\d+(\.\d+)?$"}
 Money = Annotated[
-    Decimal,
-    PlainSerializer(_cents_text, return_type=str, when_used="json"),
-    WithJsonSchema(DECIMAL_STRING, mode="serialization"),
+    Decimal | None,
+    PlainSerializer(_cents_text, return_type=str | None, when_used="json"),
+    WithJsonSchema({"anyOf": [DECIMAL_STRING, {"type": "null"}]}, mode="serialization"),
 ]
 MoneyRatio = Annotated[
     Decimal | None,
@@ -622,18 +658,25 @@ MoneyRatio = Annotated[
 Ratio = Annotated[
     Decimal | None, PlainSerializer(_float_or_none, return_type=float | None, when_used="json")
 ]
+Change = Annotated[
+    Decimal | None,
+    PlainSerializer(_float_or_none, return_type=float | None, when_used="json"),
+    PydanticField(description="(value - previous) / previous, 6 places (compare=)."),
+]
+Previous = PydanticField(description="Over the earlier period (compare=).")
 
 
 # The measures and the ratios of their sums; a ratio is null where its denominator is 0.
-# A metric not asked for (fields=) is left out of the rows and the totals.
+# A metric not asked for (fields=) is left out of the rows and the totals; with compare, a
+# group found in the earlier period only has null metrics.
 class MetricValues(SQLModel):
-    impressions: int = Field(default=None)
-    clicks: int = Field(default=None)
+    impressions: int | None = Field(default=None)
+    clicks: int | None = Field(default=None)
     cost: Money = Field(
         default=None, description='Sum of cost, exact: a decimal string such as "1234.50".'
     )
-    conversions: int = Field(default=None)
-    likes: int = Field(default=None)
+    conversions: int | None = Field(default=None)
+    likes: int | None = Field(default=None)
     ctr: Ratio = Field(default=None, description="clicks / impressions")
     cpc: MoneyRatio = Field(default=None, description="cost / clicks, a decimal string (6 places)")
     cpm: MoneyRatio = Field(
@@ -643,6 +686,36 @@ class MetricValues(SQLModel):
         default=None, description="cost / conversions, a decimal string (6 places)"
     )
     cvr: Ratio = Field(default=None, description="conversions / clicks")
+
+
+# With compare=: each returned metric over the earlier period, and its relative change (null
+# where either side is missing or the previous value is 0).
+class MetricComparisons(SQLModel):
+    previous_impressions: Annotated[int | None, Previous] = None
+    previous_clicks: Annotated[int | None, Previous] = None
+    previous_cost: Annotated[Money, Previous] = None
+    previous_conversions: Annotated[int | None, Previous] = None
+    previous_likes: Annotated[int | None, Previous] = None
+    previous_ctr: Annotated[Ratio, Previous] = None
+    previous_cpc: Annotated[MoneyRatio, Previous] = None
+    previous_cpm: Annotated[MoneyRatio, Previous] = None
+    previous_cpa: Annotated[MoneyRatio, Previous] = None
+    previous_cvr: Annotated[Ratio, Previous] = None
+    change_impressions: Change = None
+    change_clicks: Change = None
+    change_cost: Change = None
+    change_conversions: Change = None
+    change_likes: Change = None
+    change_ctr: Change = None
+    change_cpc: Change = None
+    change_cpm: Change = None
+    change_cpa: Change = None
+    change_cvr: Change = None
+
+
+# The totals of a question: its metrics, and with compare those of the earlier period.
+class MetricTotals(MetricComparisons, MetricValues):
+    pass
 
 
 # The values of the requested groups; a group not requested is left out of the row.
@@ -666,13 +739,15 @@ class MetricGroups(SQLModel):
 
 
 # One result row: its groups, then its metrics (pydantic orders fields from the last base).
-class MetricsRow(MetricValues, MetricGroups):
+class MetricsRow(MetricComparisons, MetricValues, MetricGroups):
     pass
 
 
 class MetricsPage(SQLModel):
     rows: list[MetricsRow]
-    totals: MetricValues = Field(description="Over the whole filtered set, not just this page.")
+    totals: MetricTotals = Field(
+        description="Over every row that passes (filters and where=), not just this page."
+    )
     total_rows: int
     limit: int
     offset: int

@@ -24,6 +24,7 @@ from models import (
     Metric,
     MetricsQuery,
     MetricsSort,
+    compared_fields,
 )
 from tests.helpers import MEASURES, clear_metrics, expected_metrics, passes, sql
 
@@ -515,7 +516,7 @@ def test_group_by_and_sort_values_are_the_dimensions_and_metrics() -> None:
     assert get_args(GroupBy) == groups
     assert get_args(Metric) == METRICS
     assert set(get_args(MetricsSort)) == {
-        f"{sign}{name}" for sign in ("", "-") for name in (*groups, *METRICS)
+        f"{sign}{name}" for sign in ("", "-") for name in (*groups, *compared_fields(METRICS))
     }
 
 
