@@ -775,8 +775,10 @@ async def get_metrics(
 
     Money (`cost`, `cpc`, `cpm`, `cpa`) is sent as exact decimal strings. At most
     METRICS_MAX_CONCURRENT questions run at once per process; one more waits briefly, then gets
-    503 with Retry-After. A question that breaks rules gets one 422 listing every problem: each
-    unknown filter value, the range, a repeated group_by, a sort not in the result."""
+    503 with Retry-After. With `compare`, each row and the totals also carry the earlier
+    period's metrics and the changes. A question that breaks rules gets one 422 listing every
+    problem: each unknown filter or exclusion value, the range, a repeated group_by or field,
+    a sort or condition on a metric not in the result, an earlier period outside the calendar."""
     page = await metrics.answer(db, names, query, today, settings.METRICS_MAX_SPAN_DAYS)
     response.headers["Vary"] = "Accept"  # JSON or CSV by Accept (unless format= says)
     if query.format == "csv" or (query.format is None and media_type == CSV):

@@ -140,11 +140,9 @@ def returned_fields(query: MetricsQuestion) -> tuple[str, ...]:
     return compared_fields(fields) if query.compare else fields
 
 
-def _unreturned(name: str, query: MetricsQuestion) -> str:
-    """Why a metric a question names for sort or where is not in its result."""
-    if name.startswith(COMPARED) and not query.compare:
-        return f"{name} needs compare"
-    return f"{name}, which fields leaves out; add it"
+def _needs_compare(name: str, query: MetricsQuestion) -> bool:
+    """Whether a metric named by sort or where is a previous value or change with no compare."""
+    return name.startswith(COMPARED) and not query.compare
 
 
 def rule_problems(query: MetricsQuestion, today: date, max_span_days: int) -> list[ErrorItem]:
@@ -183,15 +181,12 @@ def rule_problems(query: MetricsQuestion, today: date, max_span_days: int) -> li
     for text in query.where:
         metric = parse_condition(text)[0]
         if metric not in returned:
-            problems.append((["query", "where"], f"{text!r} is on {_unreturned(metric, query)}"))
+            why = "needs compare" if _needs_compare(metric, query) else "fields leaves out; add it"
+            problems.append((["query", "where"], f"{text!r} is on {metric}, which {why}"))
     allowed = [*dict.fromkeys(query.group_by), *returned]
     sorted_on = (query.sort or "").removeprefix("-")
     if query.sort is not None and sorted_on not in allowed:
-        why = (
-            f"{sorted_on} needs compare"
-            if sorted_on.startswith(COMPARED) and not query.compare
-            else "it is not in the result"
-        )
+        why = "it needs compare" if _needs_compare(sorted_on, query) else "it is not in the result"
         problems.append(
             (
                 ["query", "sort"],

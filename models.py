@@ -602,7 +602,9 @@ class MetricsQuestion(SQLModel):
         "previous is 0) for each returned metric. Time buckets are matched by their position "
         "in each period (day 1 with day 1, week 1 with week 1, ...; days of the week by "
         "their number) and labelled as the range's; a group found in one period only has "
-        "nulls on the other side. `sort` and `where` may use the previous values and changes.",
+        "nulls on the other side. `sort` and `where` may use the previous values and changes. "
+        "A range ending after 9998-12-31, or whose earlier period would start before "
+        "0001-01-01, is a 422.",
     )
     sort: MetricsSort | None = Field(
         default=None,

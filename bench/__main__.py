@@ -347,6 +347,31 @@ def metrics_scenarios(args: argparse.Namespace, url: str, results: Results) -> N
                     app_wide <= 10,
                 )
             )
+        # One comparison against what it replaces: the same question asked of each period.
+        span = f"start_date={start}&end_date={end}&group_by=week&group_by=platform"
+        before = f"start_date={start - timedelta(days=90)}&end_date={start - timedelta(days=1)}"
+        compared, each = [], []
+        for _ in range(rounds):
+            compared.append(
+                latency_ms(get(client, f"/metrics?{span}&compare=previous_period"), times)
+            )
+            each.append(
+                latency_ms(get(client, f"/metrics?{span}"), times)
+                + latency_ms(
+                    get(client, f"/metrics?{before}&group_by=week&group_by=platform"), times
+                )
+            )
+        compare_median, each_median = median(compared), median(each)
+        results.append(
+            Result(
+                "GET /metrics 90 days by week x platform, compare=previous_period (ms)",
+                f"{compare_median:.1f}",
+                f"{each_median:.1f} (2 calls)",
+                compare_median / each_median,
+                "<= 1.0",
+                compare_median <= each_median,
+            )
+        )
     if not args.quick:
         print(asyncio.run(explain(url, metrics_sql(narrow))), file=sys.stderr)
 

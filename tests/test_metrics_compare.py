@@ -323,8 +323,8 @@ async def test_both_periods_are_read_from_the_cubes_where_they_cover_them(
 @pytest.mark.parametrize(
     ("params", "parameter", "words"),
     [
-        ({"sort": "change_cost"}, "sort", "change_cost needs compare"),
-        ({"where": "previous_cost>1"}, "where", "previous_cost needs compare"),
+        ({"sort": "change_cost"}, "sort", "'change_cost': it needs compare"),
+        ({"where": "previous_cost>1"}, "where", "previous_cost, which needs compare"),
         ({"compare": "previous_week"}, "compare", "previous_period"),
         (
             {"compare": "previous_period", "fields": "cost", "sort": "-change_clicks"},
