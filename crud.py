@@ -22,7 +22,6 @@ from sqlalchemy import (
     Numeric,
     Result,
     Row,
-    RowMapping,
     Select,
     Table,
     UnaryExpression,
@@ -645,13 +644,20 @@ async def query_metrics(db: Executor, plan: MetricsPlan) -> MetricsPage:
 
 async def stream_metrics_rows(
     db: AsyncConnection, plan: MetricsPlan
-) -> AsyncIterator[Sequence[RowMapping]]:
-    """Every grouped row of `plan`, in order, in batches through a server-side cursor (memory
-    stays flat); `db` must not be in autocommit mode, as a cursor lives in a transaction."""
+) -> AsyncIterator[list[tuple[Any, ...]]]:
+    """Every grouped row of `plan`, in order, as tuples of its groups then its fields, in batches
+    through a server-side cursor (memory stays flat); `db` must not be in autocommit mode, as a
+    cursor lives in a transaction."""
     statement, values = metrics_statement(plan, every_row=True)
     result = await db.stream(statement.execution_options(yield_per=5000), values)
-    async for partition in result.mappings().partitions():
-        yield partition
+    keys = list(result.keys())
+    positions = [keys.index(column) for column in (*plan.group_by, *plan.fields)]
+    pick = operator.itemgetter(*positions)  # of one position: the value, not a tuple
+    async for partition in result.partitions():
+        if len(positions) > 1:
+            yield [pick(row) for row in partition]
+        else:
+            yield [(pick(row),) for row in partition]
 
 
 async def ensure_dimension_values(

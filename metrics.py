@@ -483,19 +483,35 @@ async def export_lines(
     writer = csv.writer(buffer, lineterminator="\n")
     if format == "csv":
         writer.writerow(columns)
-    names = {name for name in plan.group_by if name in DIMENSIONS}  # text a spreadsheet may run
+    names = [n for n, column in enumerate(columns) if column in DIMENSIONS]  # text to guard
+    guarded: dict[object, object] = {}  # each name as a cell, worked out once per export
     async for batch in crud.stream_metrics_rows(db, plan):
-        for record in batch:
-            if format == "csv":  # the csv module writes None as an empty cell, as csv_cell does
-                writer.writerow([csv_cell(record[c]) if c in names else record[c] for c in columns])
-            else:
-                row = MetricsRow.model_validate({column: record[column] for column in columns})
+        if format == "csv":  # the csv module writes None as an empty cell, as csv_cell does
+            if names:
+                batch = [_guard_names(row, names, guarded) for row in batch]
+            writer.writerows(batch)
+        else:
+            for values in batch:
+                row = MetricsRow.model_validate(dict(zip(columns, values, strict=True)))
                 buffer.write(row.model_dump_json(exclude_unset=True))
                 buffer.write("\n")
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()
     yield buffer.getvalue()
+
+
+def _guard_names(
+    row: tuple[object, ...], names: list[int], guarded: dict[object, object]
+) -> tuple[object, ...]:
+    """The row with its names (at `names`) as csv_cell writes them."""
+    cells = list(row)
+    for n in names:
+        name = cells[n]
+        if name not in guarded:
+            guarded[name] = csv_cell(name)
+        cells[n] = guarded[name]
+    return tuple(cells)
 
 
 # --- CSV ---------------------------------------------------------------------------------------

@@ -102,6 +102,19 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         asyncio.run(flush_redis(claimed))
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files with slow tests first, then the others by their number of tests: the two processes
+    take files as they finish one, so a long file handed out last would leave one waiting."""
+    files: dict[str, list[pytest.Item]] = {}
+    for item in items:
+        files.setdefault(item.nodeid.split("::")[0], []).append(item)
+    slow = {
+        name for name, tests in files.items() if any(t.get_closest_marker("slow") for t in tests)
+    }
+    ordered = sorted(files, key=lambda name: (name not in slow, -len(files[name])))
+    items[:] = [item for name in ordered for item in files[name]]
+
+
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     """A database made for this run, migrated to head by Alembic, dropped afterwards."""
