@@ -337,7 +337,7 @@ def metrics_statement(
         **{f"condition_{n}": number for n, (_, _, number) in enumerate(plan.conditions)},
     }
     if plan.previous:
-        values.update({f"start_{period}": day for period, day in enumerate(plan.starts)})
+        values["shift_years"], values["shift_days"] = plan.shift
     for number, part in enumerate((*plan.parts, *plan.previous)):
         values[f"first_{number}"] = part.first_id
         values[f"last_{number}"] = part.last_id
@@ -429,11 +429,6 @@ def _part(shape: _MetricsShape, number: int, source: Source, time_grouped: bool)
     return core_select(*selected, *(FACT.c[m] for m in MEASURES)).where(*conditions)
 
 
-def _month_number(day: ColumnElement[Any]) -> ColumnElement[int]:
-    """Months since the start of year 0: consecutive months are consecutive numbers."""
-    return cast(func.extract("year", day) * 12 + func.extract("month", day) - 1, Integer)
-
-
 def _isodow(day: ColumnElement[Any]) -> ColumnElement[int]:
     return cast(func.extract("isodow", day), Integer)
 
@@ -448,42 +443,11 @@ def _bucket(group: str, day: ColumnElement[Any]) -> ColumnElement[Any]:
     return cast(func.date_trunc(group, day), Date)
 
 
-def _position(group: str, day: ColumnElement[Any], start: ColumnElement[Any]) -> Any:
-    """The position of a day's bucket among those of a period starting on `start` (0 for the
-    first); a day of the week is its own position, so Mondays match Mondays."""
-    if group == "date":
-        return day - start
-    if group == "week":
-        return (day - start + _isodow(start) - 1) // 7
-    if group == "month":
-        return _month_number(day) - _month_number(start)
-    if group == "quarter":
-        return _month_number(day) // 3 - _month_number(start) // 3
-    if group == "year":
-        return cast(func.extract("year", day), Integer) - cast(func.extract("year", start), Integer)
-    return _isodow(day)
-
-
-def _bucket_at(group: str, position: ColumnElement[Any], start: ColumnElement[Any]) -> Any:
-    """The bucket at a position of a period starting on `start` (what _position inverts)."""
-    if group == "date":
-        return start + position
-    if group == "week":
-        return start - (_isodow(start) - 1) + position * 7
-    if group == "day_of_week":
-        return position
-    if group == "month":
-        month = _month_number(start) + position
-    elif group == "quarter":
-        month = _month_number(start) // 3 * 3 + position * 3
-    else:
-        month = (cast(func.extract("year", start), Integer) + position) * 12
-    return func.make_date(month // 12, month % 12 + 1, 1, type_=Date)
-
-
 def _grouped(shape: _MetricsShape, period: int) -> CTE:
     """The grouped rows of the range (period 0) or of the earlier period (1): the groups' names
-    and time buckets (when comparing, the buckets' positions), the sums and the ratios.
+    and time buckets, the sums and the ratios. A day of the earlier period is bucketed as the
+    day of the range it is compared with (shift_years and shift_days later), but keeps its own
+    day of the week unless grouped by date too (then the date says it): Mondays stay Mondays.
 
     Each part of the period is read from its source (see _part), the parts are summed together
     on their ids, and only that result is joined to the small dimension tables for names and
@@ -507,12 +471,18 @@ def _grouped(shape: _MetricsShape, period: int) -> CTE:
     if time_grouped:
         date_id = by_ids.c.date_id
         day = func.make_date(date_id // 10000, date_id // 100 % 100, date_id % 100, type_=Date)
-    start = bindparam(f"start_{period}", type_=Date)
     groups: list[Label[Any]] = []
     for group in shape.group_by:
         if group in TIME_GROUPS:
-            bucket = _position(group, day, start) if shape.previous else _bucket(group, day)
-            groups.append(bucket.label(group))
+            own_weekday = group == "day_of_week" and "date" not in shape.group_by
+            if period and not own_weekday:
+                years, days = (
+                    bindparam(f"shift_{unit}", type_=Integer) for unit in ("years", "days")
+                )
+                carried = cast(day + func.make_interval(years, 0, 0, days), Date)
+                groups.append(_bucket(group, carried).label(group))
+            else:
+                groups.append(_bucket(group, day).label(group))
         else:
             dimension = DIMENSIONS[group]
             table = _table(dimension.table)
@@ -533,20 +503,15 @@ def _grouped(shape: _MetricsShape, period: int) -> CTE:
 
 
 def _compared(shape: _MetricsShape) -> CTE:
-    """The range's grouped rows beside the earlier period's, matched on their names and the
-    positions of their time buckets (labelled as the range's), with each metric's change; a
-    group found in one period only has NULLs for the other."""
+    """The range's grouped rows beside the earlier period's, matched on their names and time
+    buckets, with each metric's change; a group found in one period only has NULLs for the
+    other."""
     now, before = _grouped(shape, 0), _grouped(shape, 1)
     matched = [now.c[group] == before.c[group] for group in shape.group_by]
     joined = now.outerjoin(before, and_(*matched) if matched else true(), full=True)
-    start = bindparam("start_0", type_=Date)
-    groups = []
-    for group in shape.group_by:
-        value = func.coalesce(now.c[group], before.c[group])
-        groups.append(_bucket_at(group, value, start) if group in TIME_GROUPS else value)
     return (
         core_select(
-            *(value.label(group) for group, value in zip(shape.group_by, groups, strict=True)),
+            *(func.coalesce(now.c[g], before.c[g]).label(g) for g in shape.group_by),
             *(now.c[m] for m in METRICS),
             *(before.c[m].label(f"previous_{m}") for m in METRICS),
             *(_change(now.c[m], before.c[m]).label(f"change_{m}") for m in METRICS),

@@ -46,6 +46,7 @@ from models import (
     DAY_GROUPS,
     DIMENSIONS,
     METRICS,
+    TIME_GROUPS,
     Dimension,
     MetricsComparison,
     MetricsCsvRow,
@@ -116,21 +117,28 @@ def date_range(query: MetricsQuestion, today: date) -> tuple[date, date]:
 
 def previous_range(start: date, end: date, compare: MetricsComparison) -> tuple[date, date]:
     """The earlier period of a comparison: as many days just before the range, or the same
-    dates a year earlier (29 February becomes 28 February). OverflowError before 0001-01-01."""
+    dates a year earlier (29 February becomes 28 February; a range ending on the last day of
+    February ends on the last day of February before). OverflowError before 0001-01-01."""
     if compare == "previous_period":
         return start - timedelta(days=(end - start).days + 1), start - timedelta(days=1)
-    return _year_before(start), _year_before(end)
+    if start.year == date.min.year:
+        raise OverflowError("date value out of range")
+    if end.day == monthrange(end.year, end.month)[1]:  # whole months stay whole months
+        last = date(end.year - 1, end.month, monthrange(end.year - 1, end.month)[1])
+    else:
+        last = _year_before(end)
+    return _year_before(start), last
 
 
 def _year_before(day: date) -> date:
-    if day.year == date.min.year:
-        raise OverflowError("date value out of range")
     return day.replace(year=day.year - 1, day=min(day.day, monthrange(day.year - 1, day.month)[1]))
 
 
-# With compare, a bucket of the earlier period past the range's last one is labelled as the
-# bucket that would follow it (the earlier period may hold one more); this leaves room for that.
-LAST_COMPARED_DAY = date(date.max.year - 1, 12, 31)
+def comparison_shift(start: date, end: date, compare: MetricsComparison) -> tuple[int, int]:
+    """(years, days) that carry a day of the earlier period onto the day of the range it is
+    compared with: as many days later as the range is long, or a year later (PostgreSQL's
+    date + interval '1 year' takes 29 February to 28 February)."""
+    return (0, (end - start).days + 1) if compare == "previous_period" else (1, 0)
 
 
 def returned_fields(query: MetricsQuestion) -> tuple[str, ...]:
@@ -197,15 +205,13 @@ def rule_problems(query: MetricsQuestion, today: date, max_span_days: int) -> li
 
 
 def _comparison_problems(query: MetricsQuestion, start: date, end: date) -> list[ErrorItem]:
-    """The earlier period of a comparison must lie in the calendar, and so must its labels."""
+    """The earlier period of a comparison must lie in the calendar."""
     if query.compare is None:
         return []
     try:
         previous_range(start, end, query.compare)
     except OverflowError:
         return [(["query", "compare"], f"the {query.compare} would start before 0001-01-01")]
-    if end > LAST_COMPARED_DAY:
-        return [(["query", "compare"], f"compare needs a range ending by {LAST_COMPARED_DAY}")]
     return []
 
 
@@ -403,12 +409,17 @@ def day_source(filters: Mapping[str, list[int]], sizes: Mapping[str, int], mask:
 
 
 def plan_parts(
-    start: date, end: date, group_by: Collection[str], days_from: DaySource
+    start: date,
+    end: date,
+    group_by: Collection[str],
+    days_from: DaySource,
+    whole_months: bool = True,
 ) -> tuple[MetricsPart, ...]:
     """Where each part of the range is read from: whole months from the monthly cube (unless the
-    question is grouped by date, week or day of the week), the other days from `days_from`."""
+    question is grouped by date, week or day of the week, or not `whole_months`), the other
+    days from `days_from`."""
     source, depth = days_from
-    if set(DAY_GROUPS) & set(group_by):
+    if set(DAY_GROUPS) & set(group_by) or not whole_months:
         return (MetricsPart(source, date_id_of(start), date_id_of(end), depth),)
     return tuple(
         MetricsPart("monthly", month_id_of(first), month_id_of(last))
@@ -443,15 +454,20 @@ async def plan_question(
             if name not in sizes:
                 sizes[name] = len((await resolve_names(db, cache, DIMENSIONS[name], []))[2])
     days_from = day_source(filters, sizes, mask)
+    grouped = set(query.group_by)
     previous: tuple[MetricsPart, ...] = ()
-    starts: tuple[date, ...] = (start,)
+    shift = (0, 0)
     if query.compare is not None:
         first, last = previous_range(start, end, query.compare)
-        previous, starts = plan_parts(first, last, query.group_by, days_from), (start, first)
+        shift = comparison_shift(start, end, query.compare)
+        # Carried some days later, a month of the earlier period can span two of the range's:
+        # grouped by time, it is read by days. A year later, a month is the same month.
+        by_days = query.compare == "previous_period" and bool(set(TIME_GROUPS) & grouped)
+        previous = plan_parts(first, last, query.group_by, days_from, whole_months=not by_days)
     return MetricsPlan(
         parts=plan_parts(start, end, query.group_by, days_from),
         previous=previous,
-        starts=starts,
+        shift=shift,
         set_mask=mask,
         filters=filters,
         excludes=excludes,

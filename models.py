@@ -472,12 +472,12 @@ class MetricsPart:
 class MetricsPlan:
     """A metrics question in ids, and where each part of its range is read from: what
     crud.query_metrics runs. `set_mask` names the dimensions it filters, excludes or groups by.
-    A comparison reads the earlier period from `previous`; `starts` are the first days of the
-    range and of that period, from which time buckets count their positions."""
+    A comparison reads the earlier period from `previous`; `shift` (years, days) carries each
+    of its days onto the day of the range it is compared with."""
 
     parts: tuple[MetricsPart, ...]
     previous: tuple[MetricsPart, ...] = ()
-    starts: tuple[date, ...] = ()
+    shift: tuple[int, int] = (0, 0)
     set_mask: int
     filters: dict[str, list[int]]
     excludes: dict[str, list[int]]
@@ -597,14 +597,15 @@ class MetricsQuestion(SQLModel):
         default=None,
         description="Compare with an earlier period: `previous_period` (as many days, just "
         "before the range) or `previous_year` (the same dates a year earlier; 29 February is "
-        "28 February). Every row and the totals gain `previous_<metric>` and `change_<metric>` "
-        "((value - previous) / previous, 6 places; null where either is missing or the "
-        "previous is 0) for each returned metric. Time buckets are matched by their position "
-        "in each period (day 1 with day 1, week 1 with week 1, ...; days of the week by "
-        "their number) and labelled as the range's; a group found in one period only has "
+        "28 February, and a range ending on a month's last day ends on that month's last day). "
+        "Every row and the totals gain `previous_<metric>` and `change_<metric>` ((value - "
+        "previous) / previous, 6 places; null where either is missing or the previous is 0) for "
+        "each returned metric. Each day of the earlier period counts in the range's bucket of "
+        "the day it is compared with (the same position: as many days, or a year, later), so "
+        "day 1 meets day 1 and every row is a bucket of the range; `day_of_week` keeps each "
+        "day's own weekday unless grouped by date too. A group found in one period only has "
         "nulls on the other side. `sort` and `where` may use the previous values and changes. "
-        "A range ending after 9998-12-31, or whose earlier period would start before "
-        "0001-01-01, is a 422.",
+        "An earlier period starting before 0001-01-01 is a 422.",
     )
     sort: MetricsSort | None = Field(
         default=None,

@@ -7,6 +7,7 @@ import io
 import json
 from datetime import date, timedelta
 from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -16,7 +17,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 import metrics
 from main import utc_today
-from models import METRICS, TIME_GROUPS, MetricsQuery
+from models import METRICS, TIME_GROUPS, MetricsComparison, MetricsQuery
 from settings import Settings
 from tests.helpers import (
     MEASURES,
@@ -27,6 +28,7 @@ from tests.helpers import (
     plain_sql,
     run_cli,
     sql,
+    write_csv,
 )
 
 END = date(2026, 11, 10)
@@ -57,39 +59,45 @@ pytestmark = pytest.mark.usefixtures("history")
 # --- the expected answer, worked out here ------------------------------------------------------
 
 
-def monday(day: date) -> date:
-    return day - timedelta(days=day.weekday())
+def earlier(current: tuple[date, date], compare: str) -> tuple[date, date]:
+    """The earlier period, as docs/metrics.md defines it."""
+    first, last = current
+    if compare == "previous_period":
+        days = (last - first).days + 1
+        return first - timedelta(days=days), first - timedelta(days=1)
+
+    def year_before(day: date, month_end: bool) -> date:
+        if month_end or (day.month, day.day) == (2, 29):
+            following = date(day.year - 1 + day.month // 12, day.month % 12 + 1, 1)
+            return following - timedelta(days=1)
+        return day.replace(year=day.year - 1)
+
+    ends_month = (last + timedelta(days=1)).day == 1
+    return year_before(first, False), year_before(last, ends_month)
 
 
-def months(day: date) -> int:
-    return day.year * 12 + day.month - 1
+def carried(day: date, compare: str, current: tuple[date, date]) -> date:
+    """The day of the range a day of the earlier period is compared with."""
+    if compare == "previous_period":
+        return day + timedelta(days=(current[1] - current[0]).days + 1)
+    if (day.month, day.day) == (2, 29):
+        return date(day.year + 1, 2, 28)
+    return day.replace(year=day.year + 1)
 
 
-def position(group: str, label: Any, start: date) -> int:
-    """The position of a bucket (as plain_sql labels it) among those of a period from `start`."""
+def bucket(group: str, day: date, own: date, group_by: list[str]) -> Any:
+    """A time bucket as the API labels it, of the day `day` (a day of the earlier period: the
+    day it is carried onto), with the day of the week of `own` unless grouped by date too."""
     if group == "day_of_week":
-        return int(label)
-    day = date.fromisoformat(label)
-    return {
-        "date": (day - start).days,
-        "week": (monday(day) - monday(start)).days // 7,
-        "month": months(day) - months(start),
-        "quarter": months(day) // 3 - months(start) // 3,
-        "year": day.year - start.year,
+        return (day if "date" in group_by else own).isoweekday()
+    start = {
+        "date": day,
+        "week": day - timedelta(days=day.weekday()),
+        "month": day.replace(day=1),
+        "quarter": day.replace(month=(day.month - 1) // 3 * 3 + 1, day=1),
+        "year": day.replace(month=1, day=1),
     }[group]
-
-
-def label(group: str, at: int, start: date) -> Any:
-    """The bucket at a position of the period from `start`, as the API labels it."""
-    if group == "day_of_week":
-        return at
-    if group == "date":
-        return (start + timedelta(days=at)).isoformat()
-    if group == "week":
-        return (monday(start) + timedelta(weeks=at)).isoformat()
-    first = {"month": months(start), "quarter": months(start) // 3 * 3, "year": start.year * 12}
-    month = first[group] + at * {"month": 1, "quarter": 3, "year": 12}[group]
-    return date(month // 12, month % 12 + 1, 1).isoformat()
+    return start.isoformat()
 
 
 def change(value: Any, previous: Any) -> float | None:
@@ -119,30 +127,28 @@ async def expected(
     group_by: list[str],
     filters: dict[str, list[str]],
     current: tuple[date, date],
-    previous: tuple[date, date],
+    compare: str,
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The rows (in the default order: time buckets, then the other groups) and the totals of a
-    comparison, from plain SQL over each period, matched on names and bucket positions."""
-    matched: dict[tuple[Any, ...], list[dict[str, Any] | None]] = {}
+    comparison: plain SQL's rows of each period by day, each day of the earlier period carried
+    onto its day of the range, bucketed and summed here, and matched on names and buckets."""
+    dimensions = [g for g in group_by if g not in TIME_GROUPS]
+    previous = earlier(current, compare)
+    matched: dict[tuple[Any, ...], list[list[dict[str, Any]]]] = {}
     for side, (first, last) in enumerate((current, previous)):
-        for row in await plain_sql(session, group_by, first, last, filters):
+        for row in await plain_sql(session, ["date", *dimensions], first, last, filters):
+            own = date.fromisoformat(row["date"])
+            day = carried(own, compare, current) if side else own
             key = tuple(
-                position(g, row[g], first) if g in TIME_GROUPS else row[g] for g in group_by
+                bucket(g, day, own, group_by) if g in TIME_GROUPS else row[g] for g in group_by
             )
-            matched.setdefault(key, [None, None])[side] = row
-    order = sorted(
-        matched,
-        key=lambda key: [
-            key[group_by.index(g)] for g in (*TIME_GROUPS, *group_by) if g in group_by
-        ],
-    )
+            matched.setdefault(key, [[], []])[side].append(row)
+    sort_by = [g for g in (*TIME_GROUPS, *dimensions) if g in group_by]
+    order = sorted(matched, key=lambda key: [key[group_by.index(g)] for g in sort_by])
     rows = [
         {
-            **{
-                g: label(g, key[n], current[0]) if g in TIME_GROUPS else key[n]
-                for n, g in enumerate(group_by)
-            },
-            **side_by_side(*matched[key]),
+            **dict(zip(group_by, key, strict=True)),
+            **side_by_side(*(expected_metrics(days) if days else None for days in matched[key])),
         }
         for key in order
     ]
@@ -168,7 +174,7 @@ def totals_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
 A = (date(2026, 10, 1), date(2026, 11, 10))  # whole October from the monthly cube, then days
 B = (date(2026, 10, 20), date(2026, 11, 20))  # past the last fact: the earlier period has more
 C = (date(2025, 9, 1), date(2025, 9, 30))  # a year before: no facts; before it, four days
-PREVIOUS = {
+PREVIOUS: dict[tuple[MetricsComparison, tuple[date, date]], tuple[date, date]] = {
     ("previous_period", A): (date(2026, 8, 21), date(2026, 9, 30)),
     ("previous_year", A): (date(2025, 10, 1), date(2025, 11, 10)),
     ("previous_period", B): (date(2026, 9, 18), date(2026, 10, 19)),
@@ -219,7 +225,7 @@ async def test_every_comparison_equals_plain_sql_over_each_period(
     body = await get_metrics(
         client, **range_of(span), group_by=group_by, compare=compare, limit=1000, **filters
     )
-    rows, totals = await expected(session, group_by, filters, span, PREVIOUS[compare, span])
+    rows, totals = await expected(session, group_by, filters, span, compare)
     assert body["rows"] == rows  # in the default order
     assert body["total_rows"] == len(rows)
     assert body["totals"] == totals
@@ -228,11 +234,11 @@ async def test_every_comparison_equals_plain_sql_over_each_period(
 async def test_groups_found_in_one_period_only_have_the_other_side_empty(
     client: httpx.AsyncClient,
 ) -> None:
-    """B's last ten days have no facts, and its earlier period has one more week than it."""
+    """B's last ten days have no facts; the ten days 32 days before them have."""
     body = await get_metrics(client, **range_of(B), group_by="week", compare="previous_period")
     weeks = [row["week"] for row in body["rows"]]
-    assert weeks == [(date(2026, 10, 19) + timedelta(weeks=n)).isoformat() for n in range(6)]
-    last = body["rows"][-1]  # the earlier period's extra week, labelled as the week after B's
+    assert weeks == [(date(2026, 10, 19) + timedelta(weeks=n)).isoformat() for n in range(5)]
+    last = body["rows"][-1]  # 16 to 20 November, compared with 15 to 19 October
     assert last["impressions"] is None
     assert last["change_impressions"] is None
     assert last["previous_impressions"] > 0
@@ -242,11 +248,31 @@ async def test_groups_found_in_one_period_only_have_the_other_side_empty(
     assert all(row["cost"] is None and row["previous_cost"] is not None for row in past)
 
 
+@pytest.mark.parametrize("compare", COMPARES)
+@pytest.mark.parametrize(
+    "group_by", [["date", "day_of_week"], ["date", "week"], ["date", "month"], ["week", "month"]]
+)
+async def test_several_time_groups_label_each_row_consistently(
+    client: httpx.AsyncClient, session: AsyncSession, group_by: list[str], compare: str
+) -> None:
+    span = (date(2026, 10, 30), date(2026, 11, 5))  # across a month's end and a week's
+    body = await get_metrics(client, **range_of(span), group_by=group_by, compare=compare)
+    rows, totals = await expected(session, group_by, {}, span, compare)
+    assert body["rows"] == rows
+    assert body["totals"] == totals
+    assert all(row["previous_cost"] is not None for row in body["rows"])  # each day has a match
+    if "date" in group_by:  # one row a day, its other buckets those of its date
+        assert len(body["rows"]) == 7
+        for row in body["rows"]:
+            day = date.fromisoformat(row["date"])
+            assert all(row[g] == bucket(g, day, day, group_by) for g in group_by)
+
+
 async def test_sorting_and_conditions_use_the_changes_before_paging(
     client: httpx.AsyncClient, session: AsyncSession
 ) -> None:
     group_by = ["week", "region"]
-    rows, _ = await expected(session, group_by, {}, A, PREVIOUS["previous_period", A])
+    rows, _ = await expected(session, group_by, {}, A, "previous_period")
     conditions = [("change_cost", ">", "0"), ("previous_clicks", ">=", "10")]
     passing = [row for row in rows if passes(row, conditions)]
     assert 5 < len(passing) < len(rows)
@@ -286,7 +312,7 @@ async def test_fields_choose_the_compared_metrics_in_json_csv_and_exports(
     columns = ["month", "cost", "ctr", "previous_cost", "previous_ctr", "change_cost", "change_ctr"]
     assert [list(row) for row in body["rows"]] == [columns] * 2
     assert list(body["totals"]) == columns[1:]
-    rows, _ = await expected(session, ["month"], {}, A, PREVIOUS["previous_year", A])
+    rows, _ = await expected(session, ["month"], {}, A, "previous_year")
     assert body["rows"] == [{c: row[c] for c in columns} for row in rows]
     csv_text = (await client.get("/metrics", params={**params, "format": "csv"})).text
     lines = list(csv.reader(io.StringIO(csv_text)))
@@ -297,27 +323,37 @@ async def test_fields_choose_the_compared_metrics_in_json_csv_and_exports(
 
 
 def test_the_earlier_periods_are_as_long_or_the_same_dates_a_year_before() -> None:
-    assert metrics.previous_range(*A, "previous_period") == PREVIOUS["previous_period", A]
+    for compare, span in PREVIOUS:
+        assert metrics.previous_range(*span, compare) == PREVIOUS[compare, span]
+        assert earlier(span, compare) == PREVIOUS[compare, span]
     leap = (date(2028, 2, 28), date(2028, 3, 1))
     assert metrics.previous_range(*leap, "previous_year") == (date(2027, 2, 28), date(2027, 3, 1))
-    assert metrics.previous_range(date(2028, 2, 29), date(2028, 2, 29), "previous_year") == (
-        date(2027, 2, 28),
-        date(2027, 2, 28),
+    day = (date(2028, 2, 29), date(2028, 2, 29))
+    assert metrics.previous_range(*day, "previous_year") == (date(2027, 2, 28), date(2027, 2, 28))
+    february = (date(2029, 2, 1), date(2029, 2, 28))  # a whole month: the whole one before
+    assert metrics.previous_range(*february, "previous_year") == (
+        date(2028, 2, 1),
+        date(2028, 2, 29),
     )
+    assert metrics.comparison_shift(*A, "previous_period") == (0, 41)
+    assert metrics.comparison_shift(*A, "previous_year") == (1, 0)
 
 
+@pytest.mark.parametrize(
+    ("compare", "previous"),
+    [("previous_year", ["daily", "monthly", "daily"]), ("previous_period", ["daily"])],
+)
 async def test_both_periods_are_read_from_the_cubes_where_they_cover_them(
-    session: AsyncSession,
+    session: AsyncSession, compare: str, previous: list[str]
 ) -> None:
-    query = MetricsQuery(
-        start_date=date(2026, 9, 15), end_date=date(2026, 11, 10), group_by=["month", "region"],
-        compare="previous_year",
+    """A month a year earlier is the same month; carried 57 days later, it spans two."""
+    query = MetricsQuery.model_validate(
+        {"start_date": "2026-09-15", "end_date": "2026-11-10", "group_by": ["month", "region"],
+         "compare": compare}
     )  # fmt: skip
     plan = await metrics.plan_question(session, metrics.NameCache(), query, END, 1096)
     assert [part.source for part in plan.parts] == ["daily", "monthly", "daily"]
-    assert [part.source for part in plan.previous] == ["daily", "monthly", "daily"]
-    assert plan.previous[1].first_id == plan.previous[1].last_id == 202510
-    assert plan.starts == (date(2026, 9, 15), date(2025, 9, 15))
+    assert [part.source for part in plan.previous] == previous
 
 
 @pytest.mark.parametrize(
@@ -341,11 +377,6 @@ async def test_both_periods_are_read_from_the_cubes_where_they_cover_them(
             "compare",
             "before 0001-01-01",
         ),
-        (
-            {"compare": "previous_year", "start_date": "9999-06-01", "end_date": "9999-06-02"},
-            "compare",
-            "ending by 9998-12-31",
-        ),
     ],
 )
 async def test_a_comparison_it_cannot_make_is_422_naming_why(
@@ -355,3 +386,45 @@ async def test_a_comparison_it_cannot_make_is_422_naming_why(
     assert any(
         error["loc"] == ["query", parameter] and words in error["msg"] for error in body["errors"]
     ), body
+
+
+@pytest.mark.parametrize("group_by", [[], ["date"], ["week"], ["year"], ["day_of_week"]])
+@pytest.mark.parametrize(
+    ("start", "end"), [("0001-01-11", "0001-01-20"), ("9999-12-20", "9999-12-31")]
+)
+async def test_comparisons_at_the_ends_of_the_calendar_are_answered(
+    client: httpx.AsyncClient, group_by: list[str], start: str, end: str
+) -> None:
+    params = {"start_date": start, "end_date": end, "group_by": group_by}
+    body = await get_metrics(client, **params, compare="previous_period")
+    assert body["rows"] == []
+    export = await client.get("/metrics/export", params={**params, "compare": "previous_period"})
+    assert export.status_code == 200
+    assert export.text.count("\n") == 1  # the header alone
+
+
+async def test_a_year_earlier_counts_29_february_with_28_february(
+    settings: Settings, client: httpx.AsyncClient, session: AsyncSession, tmp_path: Path
+) -> None:
+    """Runs last: it adds facts to the history (the fixture seeds it again for any later test)."""
+    days = ["2024-02-28", "2024-02-29", "2024-03-01", "2025-02-28", "2025-03-01"]
+    lines = [
+        f"{day},Germany,18-24,female,facebook,feed,mobile,{n + 10},{n + 1},{n}.25,1,0"
+        for n, day in enumerate(days)
+    ]
+    result = run_cli(settings, "load-metrics", str(write_csv(tmp_path, *lines)))
+    assert result.returncode == 0, result.stderr
+    app_span = (date(2025, 2, 1), date(2025, 3, 1))
+    body = await get_metrics(client, **range_of(app_span), group_by="date", compare="previous_year")
+    by_day = {row["date"]: row for row in body["rows"]}
+    assert by_day["2025-02-28"]["previous_impressions"] == 10 + 11  # 28 and 29 February 2024
+    assert by_day["2025-03-01"]["previous_impressions"] == 12
+    rows, totals = await expected(session, ["date"], {}, app_span, "previous_year")
+    assert body["rows"] == rows
+    assert body["totals"] == totals
+    leap = await get_metrics(
+        client, start_date="2024-02-28", end_date="2024-03-01", group_by="date",
+        compare="previous_year",
+    )  # fmt: skip
+    assert [row["date"] for row in leap["rows"]] == ["2024-02-28", "2024-02-29", "2024-03-01"]
+    assert leap["rows"][1]["previous_impressions"] is None  # no 29 February a year earlier
