@@ -374,6 +374,7 @@ class _MetricsShape:
     every_row: bool = False  # every grouped row, in order, for an export; else the page
 
 
+TIMES = frozenset(TIME_GROUPS)
 CUBES: dict[MetricsSource, Table] = {"daily": CUBE_DAILY, "monthly": CUBE_MONTHLY}
 # The primary key of the facts after date_id: the order its probes walk.
 FACT_KEY_ORDER = [column.name for column in FACT.primary_key.columns][1:]
@@ -447,7 +448,7 @@ def _grouped(shape: _MetricsShape, period: int) -> CTE:
     """The grouped rows of the range (period 0) or of the earlier period (1): the groups' names
     and time buckets, the sums and the ratios. A day of the earlier period is bucketed as the
     day of the range it is compared with (shift_years and shift_days later), but keeps its own
-    day of the week unless grouped by date too (then the date says it): Mondays stay Mondays.
+    day of the week when that is the only time group: Mondays stay Mondays.
 
     Each part of the period is read from its source (see _part), the parts are summed together
     on their ids, and only that result is joined to the small dimension tables for names and
@@ -474,7 +475,7 @@ def _grouped(shape: _MetricsShape, period: int) -> CTE:
     groups: list[Label[Any]] = []
     for group in shape.group_by:
         if group in TIME_GROUPS:
-            own_weekday = group == "day_of_week" and "date" not in shape.group_by
+            own_weekday = group == "day_of_week" and len(set(shape.group_by) & TIMES) == 1
             if period and not own_weekday:
                 years, days = (
                     bindparam(f"shift_{unit}", type_=Integer) for unit in ("years", "days")
@@ -646,14 +647,15 @@ async def ensure_dimension_values(
 
 
 async def ensure_dates(session: AsyncSession, days: Iterable[date]) -> None:
-    """Add the `dim_date` rows of these days that are missing."""
-    values = sorted(set(days))
+    """Add the `dim_date` rows of these days that are missing. The dates are made from the ids
+    in SQL: asyncpg sends 0001-01-01 and 9999-12-31 as -infinity and infinity."""
     statement = text(
         "INSERT INTO dim_date (date_id, date_value)"
-        " SELECT * FROM unnest(CAST(:ids AS integer[]), CAST(:days AS date[]))"
+        " SELECT id, make_date(id / 10000, id / 100 % 100, id % 100)"
+        " FROM unnest(CAST(:ids AS integer[])) AS id"
         " ON CONFLICT DO NOTHING"
     )
-    await _run(session, statement.bindparams(ids=[date_id_of(d) for d in values], days=values))
+    await _run(session, statement.bindparams(ids=sorted({date_id_of(d) for d in days})))
 
 
 async def has_facts(session: AsyncSession) -> bool:

@@ -117,21 +117,23 @@ def date_range(query: MetricsQuestion, today: date) -> tuple[date, date]:
 
 def previous_range(start: date, end: date, compare: MetricsComparison) -> tuple[date, date]:
     """The earlier period of a comparison: as many days just before the range, or the same
-    dates a year earlier (29 February becomes 28 February; a range ending on the last day of
-    February ends on the last day of February before). OverflowError before 0001-01-01."""
+    dates a year earlier (a range ending on a month's last day ends on that month's last day,
+    so whole months stay whole; one starting on 29 February starts on 1 March, as 29 February
+    has no day a year earlier; only a range of 29 February alone has none). OverflowError
+    before 0001-01-01."""
     if compare == "previous_period":
         return start - timedelta(days=(end - start).days + 1), start - timedelta(days=1)
     if start.year == date.min.year:
         raise OverflowError("date value out of range")
-    if end.day == monthrange(end.year, end.month)[1]:  # whole months stay whole months
+    if (start.month, start.day) == (2, 29):
+        first = date(start.year - 1, 3, 1)
+    else:
+        first = start.replace(year=start.year - 1)
+    if end.day == monthrange(end.year, end.month)[1]:
         last = date(end.year - 1, end.month, monthrange(end.year - 1, end.month)[1])
     else:
-        last = _year_before(end)
-    return _year_before(start), last
-
-
-def _year_before(day: date) -> date:
-    return day.replace(year=day.year - 1, day=min(day.day, monthrange(day.year - 1, day.month)[1]))
+        last = end.replace(year=end.year - 1)  # not 29 February: that is a month's last day
+    return first, last
 
 
 def comparison_shift(start: date, end: date, compare: MetricsComparison) -> tuple[int, int]:

@@ -596,14 +596,15 @@ class MetricsQuestion(SQLModel):
     compare: MetricsComparison | None = Field(
         default=None,
         description="Compare with an earlier period: `previous_period` (as many days, just "
-        "before the range) or `previous_year` (the same dates a year earlier; 29 February is "
-        "28 February, and a range ending on a month's last day ends on that month's last day). "
+        "before the range) or `previous_year` (the same dates a year earlier; a range ending "
+        "on a month's last day ends on that month's last day, one starting on 29 February "
+        "starts on 1 March). "
         "Every row and the totals gain `previous_<metric>` and `change_<metric>` ((value - "
         "previous) / previous, 6 places; null where either is missing or the previous is 0) for "
         "each returned metric. Each day of the earlier period counts in the range's bucket of "
         "the day it is compared with (the same position: as many days, or a year, later), so "
-        "day 1 meets day 1 and every row is a bucket of the range; `day_of_week` keeps each "
-        "day's own weekday unless grouped by date too. A group found in one period only has "
+        "day 1 meets day 1 and every row is a bucket of the range; `day_of_week` as the only "
+        "time group keeps each day's own weekday. A group found in one period only has "
         "nulls on the other side. `sort` and `where` may use the previous values and changes. "
         "An earlier period starting before 0001-01-01 is a 422.",
     )

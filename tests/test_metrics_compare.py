@@ -66,14 +66,14 @@ def earlier(current: tuple[date, date], compare: str) -> tuple[date, date]:
         days = (last - first).days + 1
         return first - timedelta(days=days), first - timedelta(days=1)
 
-    def year_before(day: date, month_end: bool) -> date:
-        if month_end or (day.month, day.day) == (2, 29):
-            following = date(day.year - 1 + day.month // 12, day.month % 12 + 1, 1)
-            return following - timedelta(days=1)
-        return day.replace(year=day.year - 1)
-
-    ends_month = (last + timedelta(days=1)).day == 1
-    return year_before(first, False), year_before(last, ends_month)
+    if (first.month, first.day) == (2, 29):  # no 29 February a year earlier
+        start = date(first.year - 1, 3, 1)
+    else:
+        start = first.replace(year=first.year - 1)
+    if (last + timedelta(days=1)).day == 1:  # a month's last day: that month's, a year earlier
+        following = date(last.year - 1 + last.month // 12, last.month % 12 + 1, 1)
+        return start, following - timedelta(days=1)
+    return start, last.replace(year=last.year - 1)
 
 
 def carried(day: date, compare: str, current: tuple[date, date]) -> date:
@@ -87,9 +87,11 @@ def carried(day: date, compare: str, current: tuple[date, date]) -> date:
 
 def bucket(group: str, day: date, own: date, group_by: list[str]) -> Any:
     """A time bucket as the API labels it, of the day `day` (a day of the earlier period: the
-    day it is carried onto), with the day of the week of `own` unless grouped by date too."""
+    day it is carried onto), with the day of the week of `own` when that is the only time
+    group."""
     if group == "day_of_week":
-        return (day if "date" in group_by else own).isoweekday()
+        alone = [g for g in group_by if g in TIME_GROUPS] == ["day_of_week"]
+        return (own if alone else day).isoweekday()
     start = {
         "date": day,
         "week": day - timedelta(days=day.weekday()),
@@ -250,7 +252,14 @@ async def test_groups_found_in_one_period_only_have_the_other_side_empty(
 
 @pytest.mark.parametrize("compare", COMPARES)
 @pytest.mark.parametrize(
-    "group_by", [["date", "day_of_week"], ["date", "week"], ["date", "month"], ["week", "month"]]
+    "group_by",
+    [
+        ["date", "day_of_week"],
+        ["date", "week"],
+        ["date", "month"],
+        ["week", "month"],
+        ["week", "day_of_week"],
+    ],
 )
 async def test_several_time_groups_label_each_row_consistently(
     client: httpx.AsyncClient, session: AsyncSession, group_by: list[str], compare: str
@@ -328,8 +337,8 @@ def test_the_earlier_periods_are_as_long_or_the_same_dates_a_year_before() -> No
         assert earlier(span, compare) == PREVIOUS[compare, span]
     leap = (date(2028, 2, 28), date(2028, 3, 1))
     assert metrics.previous_range(*leap, "previous_year") == (date(2027, 2, 28), date(2027, 3, 1))
-    day = (date(2028, 2, 29), date(2028, 2, 29))
-    assert metrics.previous_range(*day, "previous_year") == (date(2027, 2, 28), date(2027, 2, 28))
+    day = (date(2028, 2, 29), date(2028, 3, 2))
+    assert metrics.previous_range(*day, "previous_year") == (date(2027, 3, 1), date(2027, 3, 2))
     february = (date(2029, 2, 1), date(2029, 2, 28))  # a whole month: the whole one before
     assert metrics.previous_range(*february, "previous_year") == (
         date(2028, 2, 1),
@@ -407,7 +416,7 @@ async def test_a_year_earlier_counts_29_february_with_28_february(
     settings: Settings, client: httpx.AsyncClient, session: AsyncSession, tmp_path: Path
 ) -> None:
     """Runs last: it adds facts to the history (the fixture seeds it again for any later test)."""
-    days = ["2024-02-28", "2024-02-29", "2024-03-01", "2025-02-28", "2025-03-01"]
+    days = ["2023-02-28", "2024-02-28", "2024-02-29", "2024-03-01", "2025-02-28", "2025-03-01"]
     lines = [
         f"{day},Germany,18-24,female,facebook,feed,mobile,{n + 10},{n + 1},{n}.25,1,0"
         for n, day in enumerate(days)
@@ -417,8 +426,8 @@ async def test_a_year_earlier_counts_29_february_with_28_february(
     app_span = (date(2025, 2, 1), date(2025, 3, 1))
     body = await get_metrics(client, **range_of(app_span), group_by="date", compare="previous_year")
     by_day = {row["date"]: row for row in body["rows"]}
-    assert by_day["2025-02-28"]["previous_impressions"] == 10 + 11  # 28 and 29 February 2024
-    assert by_day["2025-03-01"]["previous_impressions"] == 12
+    assert by_day["2025-02-28"]["previous_impressions"] == 11 + 12  # 28 and 29 February 2024
+    assert by_day["2025-03-01"]["previous_impressions"] == 13
     rows, totals = await expected(session, ["date"], {}, app_span, "previous_year")
     assert body["rows"] == rows
     assert body["totals"] == totals
@@ -427,4 +436,14 @@ async def test_a_year_earlier_counts_29_february_with_28_february(
         compare="previous_year",
     )  # fmt: skip
     assert [row["date"] for row in leap["rows"]] == ["2024-02-28", "2024-02-29", "2024-03-01"]
+    assert leap["rows"][0]["previous_impressions"] == 10
     assert leap["rows"][1]["previous_impressions"] is None  # no 29 February a year earlier
+    for first in ("2024-02-29", "2025-02-28"):  # every row is a day of the range
+        span = (date.fromisoformat(first), date.fromisoformat(first) + timedelta(days=1))
+        days_body = await get_metrics(
+            client, **range_of(span), group_by="date", compare="previous_year"
+        )
+        rows, totals = await expected(session, ["date"], {}, span, "previous_year")
+        assert days_body["rows"] == rows
+        assert days_body["totals"] == totals
+        assert all(first <= row["date"] <= span[1].isoformat() for row in rows)

@@ -354,3 +354,16 @@ def test_load_from_standard_input_rejects_a_malformed_file_naming_it(settings: S
     result = run_cli(settings, "load-metrics", "-", stdin="date,region\n")
     assert result.returncode == 1
     assert result.stderr.startswith("error: standard input was not loaded; nothing was written:")
+
+
+@pytest.mark.usefixtures("empty_metrics")
+async def test_the_first_and_last_days_of_the_calendar_are_stored_as_dates(
+    settings: Settings, session: AsyncSession, tmp_path: Path
+) -> None:
+    lines = [
+        f"{day},North,18-24,female,facebook,feed,mobile,1,0,0,0,0"
+        for day in ("0001-01-01", "9999-12-31")
+    ]
+    cli_ok(settings, "load-metrics", str(write_csv(tmp_path, *lines)))
+    stored = await sql(session, "SELECT date_id, date_value::text FROM dim_date ORDER BY date_id")
+    assert [tuple(row) for row in stored] == [(10101, "0001-01-01"), (99991231, "9999-12-31")]
