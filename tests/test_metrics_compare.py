@@ -1,6 +1,7 @@
-"""compare=previous_period|previous_year: every row and the totals against two plain-SQL answers
-(one per period) matched here by the positions of their time buckets, over more than a year of
-demo facts; groups found in one period only; sorting and conditions on the changes; errors."""
+"""compare=previous_period|previous_year: every row and the totals against plain SQL over each
+period by day, each day of the earlier period carried here onto its day of the range, over more
+than a year of demo facts; groups found in one period only; several time groups; 29 February;
+the calendar's ends; sorting and conditions on the changes; errors."""
 
 import csv
 import io
@@ -174,7 +175,7 @@ def totals_of(rows: list[dict[str, Any]]) -> dict[str, Any]:
 # --- answers -----------------------------------------------------------------------------------
 
 A = (date(2026, 10, 1), date(2026, 11, 10))  # whole October from the monthly cube, then days
-B = (date(2026, 10, 20), date(2026, 11, 20))  # past the last fact: the earlier period has more
+B = (date(2026, 10, 20), date(2026, 11, 20))  # its last ten days have no facts, their match has
 C = (date(2025, 9, 1), date(2025, 9, 30))  # a year before: no facts; before it, four days
 PREVIOUS: dict[tuple[MetricsComparison, tuple[date, date]], tuple[date, date]] = {
     ("previous_period", A): (date(2026, 8, 21), date(2026, 9, 30)),
