@@ -224,6 +224,20 @@ async def checksum(session: AsyncSession) -> dict[str, Any]:
     return dict(result.mappings().one())
 
 
+async def seed_unless_seeded(
+    settings: Settings, session: AsyncSession, seed: Sequence[str], last_seeded: dict[str, Any]
+) -> None:
+    """Run the `seed` command on empty facts unless the tables still hold what it seeded last
+    (`last_seeded`: their checksum then, kept by the caller across tests)."""
+    if not last_seeded or await checksum(session) != last_seeded:
+        await sql(session, "TRUNCATE fact_ad_metrics_daily, cube_daily, cube_monthly")
+        await session.commit()
+        result = run_cli(settings, *seed)
+        assert result.returncode == 0, result.stderr
+        last_seeded.clear()
+        last_seeded.update(await checksum(session))
+
+
 # The same question, worked out the plain way: join every dimension to every fact, then group.
 GROUP_SQL = {
     "date": "d.date_value",

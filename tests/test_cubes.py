@@ -37,6 +37,7 @@ from tests.helpers import (
     passes,
     plain_sql,
     run_cli,
+    seed_unless_seeded,
     sql,
     write_csv,
 )
@@ -82,13 +83,7 @@ RANGES = [
 @pytest.fixture
 async def season(settings: Settings, session: AsyncSession, app: FastAPI) -> Any:
     """The demo set of SEASON, seeded only when the tables hold something else."""
-    if not LAST_SEEDED or await checksum(session) != LAST_SEEDED:
-        await sql(session, "TRUNCATE fact_ad_metrics_daily, cube_daily, cube_monthly")
-        await session.commit()
-        result = run_cli(settings, *SEASON)
-        assert result.returncode == 0, result.stderr
-        LAST_SEEDED.clear()
-        LAST_SEEDED.update(await checksum(session))
+    await seed_unless_seeded(settings, session, SEASON, LAST_SEEDED)
     app.state.dimension_names = metrics.NameCache()
     app.dependency_overrides[utc_today] = lambda: END
     yield

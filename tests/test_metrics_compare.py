@@ -23,12 +23,11 @@ from settings import Settings
 from tests.helpers import (
     MEASURES,
     assert_problem,
-    checksum,
     expected_metrics,
     passes,
     plain_sql,
     run_cli,
-    sql,
+    seed_unless_seeded,
     write_csv,
 )
 
@@ -41,13 +40,7 @@ LAST_SEEDED: dict[str, Any] = {}
 @pytest.fixture
 async def history(settings: Settings, session: AsyncSession, app: FastAPI) -> Any:
     """The demo set of HISTORY, seeded only when the tables hold something else."""
-    if not LAST_SEEDED or await checksum(session) != LAST_SEEDED:
-        await sql(session, "TRUNCATE fact_ad_metrics_daily, cube_daily, cube_monthly")
-        await session.commit()
-        result = run_cli(settings, *HISTORY)
-        assert result.returncode == 0, result.stderr
-        LAST_SEEDED.clear()
-        LAST_SEEDED.update(await checksum(session))
+    await seed_unless_seeded(settings, session, HISTORY, LAST_SEEDED)
     app.state.dimension_names = metrics.NameCache()
     app.dependency_overrides[utc_today] = lambda: END
     yield
