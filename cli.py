@@ -204,9 +204,13 @@ async def seed_metrics(
     return 0
 
 
-def not_loaded(name: str, problems: list[str], count: int) -> int:
-    """Report a rejected file: the first MAX_LISTED_ERRORS problems, and how many more."""
-    listed = problems[:MAX_LISTED_ERRORS]
+def not_loaded(name: str, problems: list[tuple[int, str]], count: int) -> int:
+    """Report a rejected file: its first MAX_LISTED_ERRORS problems in line order (line 0: the
+    file's as a whole), and how many more."""
+    listed = [
+        f"line {number}: {problem}" if number else problem
+        for number, problem in sorted(problems)[:MAX_LISTED_ERRORS]
+    ]
     more = count - len(listed)
     listing = "\n".join(listed) + (f"\n... and {more} more" if more > 0 else "")
     return fail(f"{name} was not loaded; nothing was written:\n{listing}")
@@ -247,15 +251,15 @@ def load_metrics_file(settings: Settings, path: Path, name: str) -> int:
             loaded = await metrics.load_facts(session, check, rows, progress.advance)
         except CubeOverflow as error:  # rolled back with the session
             progress.stop()
-            return not_loaded(name, [str(error)], 1)
+            return not_loaded(name, [(0, str(error))], 1)
         if check.errors or loaded.repeated:
             progress.stop()
             twice = [
-                f"line {ns[0]}: same date and dimensions as line(s) {', '.join(map(str, ns[1:]))}"
+                (ns[0], f"same date and dimensions as line(s) {', '.join(map(str, ns[1:]))}")
                 for ns in loaded.repeated
             ]
             return not_loaded(name, check.errors + twice, check.error_count + loaded.repeated_count)
-        progress.finish()
+        progress.stop()  # one summary, on STDOUT
         print(f"load-metrics: {count(loaded.written, 'fact')} inserted or updated from {name}")
         return 0
 

@@ -506,20 +506,32 @@ def _grouped(shape: _MetricsShape, period: int) -> CTE:
 def _compared(shape: _MetricsShape) -> CTE:
     """The range's grouped rows beside the earlier period's, matched on their names and time
     buckets, with each metric's change; a group found in one period only has NULLs for the
-    other."""
+    other. Without groups the one row is the totals, so a period without facts counts as
+    zeros there, as in the totals."""
     now, before = _grouped(shape, 0), _grouped(shape, 1)
     matched = [now.c[group] == before.c[group] for group in shape.group_by]
     joined = now.outerjoin(before, and_(*matched) if matched else true(), full=True)
+    current, previous = (
+        (_zero_filled(now), _zero_filled(before))
+        if not shape.group_by
+        else ({m: now.c[m] for m in METRICS}, {m: before.c[m] for m in METRICS})
+    )
     return (
         core_select(
             *(func.coalesce(now.c[g], before.c[g]).label(g) for g in shape.group_by),
-            *(now.c[m] for m in METRICS),
-            *(before.c[m].label(f"previous_{m}") for m in METRICS),
-            *(_change(now.c[m], before.c[m]).label(f"change_{m}") for m in METRICS),
+            *(current[m].label(m) for m in METRICS),
+            *(previous[m].label(f"previous_{m}") for m in METRICS),
+            *(_change(current[m], previous[m]).label(f"change_{m}") for m in METRICS),
         )
         .select_from(joined)
         .cte("compared")
     )
+
+
+def _zero_filled(grouped: CTE) -> dict[str, ColumnElement[Any]]:
+    """A period's metrics with its sums 0 where it has no row."""
+    sums = {m: func.coalesce(grouped.c[m], 0) for m in MEASURES}
+    return {**sums, **_ratio_values(sums)}
 
 
 # Building the statement costs more than running it on a cube; its values are bound per run.

@@ -7,15 +7,26 @@ import os
 import re
 import signal
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Mapping
 from contextlib import asynccontextmanager, suppress
 from datetime import UTC, date, datetime
 from http import HTTPStatus
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote_to_bytes
+from urllib.parse import unquote_to_bytes, urlencode
 
 import mimeparse
-from fastapi import APIRouter, Depends, FastAPI, Form, Header, Path, Query, Request, Response
+from fastapi import (
+    APIRouter,
+    Depends,
+    FastAPI,
+    Form,
+    Header,
+    Path,
+    Query,
+    Request,
+    Response,
+    params,
+)
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import (
     get_redoc_html,
@@ -32,11 +43,13 @@ from redis.exceptions import RedisError
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import crud
 import metrics
+import name_rule
 from auth import (
     Authenticated,
     ClientAddress,
@@ -354,9 +367,8 @@ RESPONSE_HEADERS = {
     "WWW-Authenticate": _header('Bearer, or Bearer error="invalid_token" for a bad token'),
     "Retry-After": _header("Seconds to wait before retrying", "integer"),
     "Allow": _header("The methods this path answers, HEAD included wherever GET is"),
-    "Vary": _header("Accept: the answer is JSON or CSV by the Accept header"),
-    "X-Total-Rows": _header("CSV only: rows in the whole result, not just this page", "integer"),
-    "Content-Disposition": _header('CSV only: attachment; filename="metrics.csv"'),
+    "Vary": _header("Accept: the export is CSV or NDJSON by the Accept header"),
+    "Content-Disposition": _header('attachment; filename="metrics.csv" (or metrics.ndjson)'),
 }
 # On every response (middleware.SecurityHeaders).
 EVERY_RESPONSE_HEADERS = (
@@ -368,7 +380,7 @@ EVERY_RESPONSE_HEADERS = (
     "Cross-Origin-Resource-Policy",
 )
 STATUS_HEADERS = {"401": ("WWW-Authenticate",), "429": ("Retry-After",), "503": ("Retry-After",)}
-OPERATION_HEADERS = {("/metrics", "get", "200"): ("Vary", "X-Total-Rows", "Content-Disposition")}
+OPERATION_HEADERS = {("/metrics/export", "get", "200"): ("Vary", "Content-Disposition")}
 
 
 def _header_refs(names: Iterable[str]) -> dict[str, Any]:
@@ -410,6 +422,12 @@ def openapi_with_problems(app: FastAPI) -> dict[str, Any]:
         components = schema.setdefault("components", {})
         for unused in ("HTTPValidationError", "ValidationError"):
             components["schemas"].pop(unused, None)
+        # What a name may hold, stated once (models.NAME_SCHEMA refers to it).
+        components["schemas"]["Name"] = {
+            "type": "string",
+            "description": name_rule.RULE,
+            "pattern": name_rule.json_schema_pattern(),
+        }
         components["headers"] = RESPONSE_HEADERS
         # A method a path does not answer: no operation of this document gives it, so it is
         # declared once here.
@@ -451,6 +469,17 @@ def documented_query_parameters(
     return found
 
 
+def _unknown(request: Request, name: str) -> str:
+    """What to say of an unknown parameter; a format= on /metrics points to the export."""
+    if name == "format" and request.scope["route"].path_format in ELSEWHERE:
+        kind = "ndjson" if request.query_params["format"] == "ndjson" else "csv"
+        return (
+            "unknown parameter: GET /metrics answers JSON only; the same question as"
+            f" {kind.upper()}: {export_url(request, kind)}"
+        )
+    return "unknown parameter"
+
+
 async def check_query_parameters(request: Request) -> None:
     """Unknown query parameters, and repeats of ones that take a single value (any but an
     array's: not silently "the last one wins"), are 422."""
@@ -458,7 +487,7 @@ async def check_query_parameters(request: Request) -> None:
     known, repeatable = documented_query_parameters(request.app, route.path_format, request.method)
     counts = Counter(name for name, _ in request.query_params.multi_items())
     problems_found: list[ErrorItem] = [
-        (["query", name], "unknown parameter" if name not in known else "given more than once")
+        (["query", name], _unknown(request, name) if name not in known else "given more than once")
         for name, count in sorted(counts.items())
         if name not in known or (count > 1 and name not in repeatable)
     ]
@@ -483,34 +512,78 @@ async def require_json_body(request: Request) -> None:
         )
     try:
         (await request.body()).decode("utf-8")
+    except ClientDisconnect:
+        return  # gone (or refused as too large): FastAPI meets the same, and answers nobody
     except UnicodeDecodeError:
         raise BadRequest("The body is not UTF-8: JSON must be sent as UTF-8.") from None
 
 
-JsonBody = Depends(require_json_body)
+class CheckedRoute(APIRoute):
+    """A route whose JSON body (if it takes one) passes require_json_body before FastAPI parses
+    it: a gzip or Latin-1 body would otherwise be FastAPI's generic 400 "error parsing the
+    body", not the 415 or 400 that says what is wrong."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handle = super().get_route_handler()
+        if self.body_field is None or isinstance(self.body_field.field_info, params.Form):
+            return handle
+
+        async def checked(request: Request) -> Response:
+            await require_json_body(request)  # reads the body, which FastAPI then reuses
+            return await handle(request)
+
+        return checked
+
 
 JSON = "application/json"
 CSV = "text/csv"
-# What each route can send; the rest send JSON. On ties JSON wins (the last listed).
-OFFERED_MEDIA_TYPES = {"/metrics": (CSV, JSON)}
+NDJSON = "application/x-ndjson"
+# What each route can send, the preferred one last (it wins ties); the rest send JSON.
+OFFERED_MEDIA_TYPES = {"/metrics/export": (NDJSON, CSV)}
+# Where a route's question can be had in other media types: /metrics is JSON only.
+ELSEWHERE = {"/metrics": "/metrics/export"}
+
+
+# A /metrics request's parameters that are not part of its question.
+PAGE_PARAMETERS = frozenset({"limit", "offset", "format"})
+
+
+def export_url(request: Request, kind: str) -> str:
+    """The export, as `kind` (csv or ndjson), of the question a /metrics request asks: its
+    parameters but the page's, as a relative URL (a forged Host never reaches it)."""
+    kept = [(k, v) for k, v in request.query_params.multi_items() if k not in PAGE_PARAMETERS]
+    return f"/metrics/export?{urlencode([*kept, ('format', kind)])}"
+
+
+def _best_match(offered: tuple[str, ...], accept: str) -> str | None:
+    try:
+        return str(mimeparse.best_match(offered, accept)) or None
+    except ValueError:  # an unparseable Accept is ignored, as if absent
+        return offered[-1]
 
 
 async def negotiate(request: Request) -> str:
     """The media type to answer with, by the Accept header's q values: 406 when the client
-    accepts none of the route's. Errors are always sent as problem+json (RFC 9110 allows it)."""
+    accepts none of the route's (naming the export for a /metrics question asked as CSV or
+    NDJSON). Errors are always sent as problem+json (RFC 9110 allows it)."""
     route = request.scope["route"]
     offered = OFFERED_MEDIA_TYPES.get(route.path_format, (JSON,))
     # Several Accept lines are one list (RFC 9110 5.3); media types are case-insensitive.
     accept = ", ".join(request.headers.getlist("accept")).lower()
     if not accept or route.status_code == 204:
         return offered[-1]
-    try:
-        chosen = mimeparse.best_match(offered, accept)
-    except ValueError:  # an unparseable Accept is ignored, as if absent
-        return offered[-1]
-    if not chosen:
-        raise NotAcceptable(f"This resource can be sent as {' or '.join(reversed(offered))} only.")
-    return str(chosen)
+    if route.path_format in OFFERED_MEDIA_TYPES and "format" in request.query_params:
+        return offered[-1]  # format= chooses the type instead (the route reads it)
+    chosen = _best_match(offered, accept)
+    if chosen is not None:
+        return chosen
+    detail = f"This resource can be sent as {' or '.join(reversed(offered))} only."
+    elsewhere = ELSEWHERE.get(route.path_format)
+    wanted = elsewhere and _best_match(OFFERED_MEDIA_TYPES[elsewhere], accept)
+    if wanted:
+        kind = "ndjson" if wanted == NDJSON else "csv"
+        detail += f" The same question as {wanted}: {export_url(request, kind)}"
+    raise NotAcceptable(detail)
 
 
 MediaType = Annotated[str, Depends(negotiate)]
@@ -597,7 +670,13 @@ class RejectUndecodableUrls:
 
 # --- routes ------------------------------------------------------------------------------------
 
-router = APIRouter(dependencies=[Depends(check_query_parameters), Depends(negotiate)])
+router = APIRouter(
+    dependencies=[Depends(check_query_parameters), Depends(negotiate)],
+    route_class=CheckedRoute,
+    # Operations named as their functions: a generated client gets `get_metrics`, not
+    # `get_metrics_metrics_get`.
+    generate_unique_id_function=lambda route: route.name,
+)
 
 
 @router.post("/auth/token", tags=["auth"], responses=problems(401, 422, 429, 503))
@@ -674,7 +753,7 @@ async def get_pet(
         },
         **problems(401, 415, 422, 503),
     },
-    dependencies=[JsonBody, Authenticated],
+    dependencies=[Authenticated],
 )
 async def create_pet(
     request: Request,
@@ -695,7 +774,7 @@ async def create_pet(
     tags=["pets"],
     response_model=PetPublic,
     responses=PET_WRITE_RESPONSES,
-    dependencies=[JsonBody, Authenticated],
+    dependencies=[Authenticated],
 )
 async def replace_pet(
     session: SessionDep,
@@ -715,7 +794,7 @@ async def replace_pet(
     tags=["pets"],
     response_model=PetPublic,
     responses=PET_WRITE_RESPONSES,
-    dependencies=[JsonBody, Authenticated],
+    dependencies=[Authenticated],
 )
 async def patch_pet(
     session: SessionDep,
@@ -757,10 +836,7 @@ NameCacheDep = Annotated[metrics.NameCache, Depends(from_state("dimension_names"
     tags=["metrics"],
     response_model=MetricsPage,
     response_model_exclude_unset=True,
-    responses={
-        200: {"content": {"text/csv": {"schema": {"type": "string"}}}},
-        **problems(422, 503),
-    },
+    responses=problems(422, 503),
 )
 async def get_metrics(
     db: MetricsConnectionDep,
@@ -768,28 +844,22 @@ async def get_metrics(
     settings: SettingsDep,
     query: Annotated[MetricsQuery, Query()],
     today: Annotated[date, Depends(utc_today)],
-    media_type: MediaType,
-    response: Response,
-) -> MetricsPage | StreamingResponse:
-    """Ad metrics summed over a date range, filtered and grouped by dimensions, with ratios.
+) -> MetricsPage:
+    """Ad metrics summed over a date range, filtered and grouped by dimensions, with ratios: a
+    page of rows, as JSON (every row as CSV or NDJSON: GET /metrics/export).
 
     Money (`cost`, `cpc`, `cpm`, `cpa`) is sent as exact decimal strings. At most
     METRICS_MAX_CONCURRENT questions run at once per process; one more waits briefly, then gets
     503 with Retry-After. With `compare`, each row and the totals also carry the earlier
     period's metrics and the changes. A question that breaks rules gets one 422 listing every
     problem: each unknown filter or exclusion value, the range, a repeated group_by or field,
-    a sort or condition on a metric not in the result, an earlier period outside the calendar."""
-    page = await metrics.answer(db, names, query, today, settings.METRICS_MAX_SPAN_DAYS)
-    response.headers["Vary"] = "Accept"  # JSON or CSV by Accept (unless format= says)
-    if query.format == "csv" or (query.format is None and media_type == CSV):
-        headers = {
-            "Content-Disposition": 'attachment; filename="metrics.csv"',
-            "X-Total-Rows": str(page.total_rows),
-            "Vary": "Accept",
-        }
-        lines = metrics.csv_lines(page, query.group_by, metrics.returned_fields(query))
-        return StreamingResponse(lines, media_type="text/csv; charset=utf-8", headers=headers)
-    return page
+    a sort or condition on a metric not in the result, an earlier period outside the calendar.
+    A `format=` parameter, or an Accept header without JSON, is refused with the URL of the
+    same question's export."""
+    return await metrics.answer(db, names, query, today, settings.METRICS_MAX_SPAN_DAYS)
+
+
+EXPORT_MEDIA_TYPES = {"csv": "text/csv; charset=utf-8", "ndjson": NDJSON}
 
 
 @router.get(
@@ -801,7 +871,7 @@ async def get_metrics(
             "description": "Every row, streamed.",
             "content": {
                 "text/csv": {"schema": {"type": "string"}},
-                "application/x-ndjson": {"schema": {"type": "string"}},
+                NDJSON: {"schema": {"type": "string"}},
             },
         },
         **problems(422, 503),
@@ -813,19 +883,21 @@ async def export_metrics(
     settings: SettingsDep,
     query: Annotated[MetricsExport, Query()],
     today: Annotated[date, Depends(utc_today)],
+    media_type: MediaType,
 ) -> StreamingResponse:
     """Every row of a question, beyond the 1,000-row page of GET /metrics: the same parameters
-    (but `limit` and `offset`), the same rules and the same 422s, as CSV or NDJSON, streamed
-    from a server-side cursor. At most METRICS_MAX_EXPORTS run at once per process; one more
-    waits briefly, then gets 503 with Retry-After."""
+    (but `limit` and `offset`), the same rules and the same 422s, as CSV or NDJSON (by `format`,
+    else by the Accept header; CSV when neither says), streamed from a server-side cursor. At
+    most METRICS_MAX_EXPORTS run at once per process; one more waits briefly, then gets 503
+    with Retry-After."""
+    kind = query.format or ("ndjson" if media_type == NDJSON else "csv")
     plan = await metrics.plan_question(db, names, query, today, settings.METRICS_MAX_SPAN_DAYS)
-    lines = metrics.export_lines(db, plan, query.format)
-    if query.format == "ndjson":
-        media_type, filename = "application/x-ndjson", "metrics.ndjson"
-    else:
-        media_type, filename = "text/csv; charset=utf-8", "metrics.csv"
-    headers = {"Content-Disposition": f'attachment; filename="{filename}"'}
-    return StreamingResponse(lines, media_type=media_type, headers=headers)
+    lines = metrics.export_lines(db, plan, kind, query.money, query.escape_formulas)
+    headers = {
+        "Content-Disposition": f'attachment; filename="metrics.{kind}"',
+        "Vary": "Accept",  # CSV or NDJSON by Accept (unless format= says)
+    }
+    return StreamingResponse(lines, media_type=EXPORT_MEDIA_TYPES[kind], headers=headers)
 
 
 @router.get("/dimensions", tags=["metrics"])

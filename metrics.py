@@ -5,6 +5,7 @@ and load-metrics)."""
 import asyncio
 import csv
 import io
+import json
 import time
 from calendar import monthrange
 from collections.abc import (
@@ -14,14 +15,13 @@ from collections.abc import (
     Callable,
     Collection,
     Iterable,
-    Iterator,
     Mapping,
 )
 from dataclasses import dataclass, field
 from datetime import date, timedelta
 from decimal import Decimal
 from itertools import groupby
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -45,7 +45,9 @@ from models import (
     CUBE_MAX_DIMENSIONS,
     DAY_GROUPS,
     DIMENSIONS,
+    MEASURES,
     METRICS,
+    MONEY_METRICS,
     TIME_GROUPS,
     Dimension,
     MetricsComparison,
@@ -55,11 +57,13 @@ from models import (
     MetricsPlan,
     MetricsQuery,
     MetricsQuestion,
-    MetricsRow,
     MetricsSource,
+    cents_text,
     compared_fields,
     date_id_of,
+    decimal_text,
     dimension_mask,
+    float_or_none,
 )
 
 # An unknown filter value's error lists the known ones when there are at most this many.
@@ -491,71 +495,97 @@ async def answer(
     return await crud.query_metrics(db, plan)
 
 
-async def export_lines(
-    db: AsyncConnection, plan: MetricsPlan, format: Literal["csv", "ndjson"]
-) -> AsyncIterator[str]:
-    """Every row of a question, as CSV (a header first) or NDJSON, read through a server-side
-    cursor a batch at a time, so memory holds one batch whatever the number of rows."""
-    columns = [*plan.group_by, *plan.fields]
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    if format == "csv":
-        writer.writerow(columns)
-    names = [n for n, column in enumerate(columns) if column in DIMENSIONS]  # text to guard
-    guarded: dict[object, object] = {}  # each name as a cell, worked out once per export
-    async for batch in crud.stream_metrics_rows(db, plan):
-        if format == "csv":  # the csv module writes None as an empty cell, as csv_cell does
-            if names:
-                batch = [_guard_names(row, names, guarded) for row in batch]
-            writer.writerows(batch)
-        else:
-            for values in batch:
-                row = MetricsRow.model_validate(dict(zip(columns, values, strict=True)))
-                buffer.write(row.model_dump_json(exclude_unset=True))
-                buffer.write("\n")
-        yield buffer.getvalue()
-        buffer.seek(0)
-        buffer.truncate()
-    yield buffer.getvalue()
-
-
-def _guard_names(
-    row: tuple[object, ...], names: list[int], guarded: dict[object, object]
-) -> tuple[object, ...]:
-    """The row with its names (at `names`) as csv_cell writes them."""
-    cells = list(row)
-    for n in names:
-        name = cells[n]
-        if name not in guarded:
-            guarded[name] = csv_cell(name)
-        cells[n] = guarded[name]
-    return tuple(cells)
-
-
-# --- CSV ---------------------------------------------------------------------------------------
+# --- exports ------------------------------------------------------------------------------------
 
 # A cell a spreadsheet would run as a formula (OWASP's CSV injection rule).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+ExportFormat = Literal["csv", "ndjson"]
+Money = Literal["decimal", "micros"]
+Cell = Callable[[Any], Any]
+COMPACT = (",", ":")  # JSON without spaces
 
 
-def csv_cell(value: object) -> object:
-    """The value as a CSV cell: empty for null; text that a spreadsheet would take for a
-    formula (a dimension named `=HYPERLINK(...)`) gets a leading `'`, so it stays text."""
-    if value is None:
-        return ""
-    if isinstance(value, str) and value.startswith(FORMULA_STARTS):
-        return f"'{value}"
-    return value
+def is_money(column: str) -> bool:
+    return column.removeprefix("previous_") in MONEY_METRICS
 
 
-def csv_lines(page: MetricsPage, group_by: Iterable[str], fields: Iterable[str]) -> Iterator[str]:
-    """The page as CSV: a header of the groups and metrics, then a line per row."""
-    columns = [*group_by, *fields]
+def export_columns(plan: MetricsPlan, money: Money) -> list[str]:
+    """The header of an export: the groups, then the metrics (money=micros: `cost_micros`...)."""
+    micros = money == "micros"
+    return [*plan.group_by, *(f"{m}_micros" if micros and is_money(m) else m for m in plan.fields)]
+
+
+def guarded_name(value: str) -> str:
+    """A name as a CSV cell: one a spreadsheet would take for a formula (a dimension named
+    `=HYPERLINK(...)`) gets a leading `'`, so it stays text."""
+    return f"'{value}" if value.startswith(FORMULA_STARTS) else value
+
+
+def _micros(value: Decimal | None) -> int | None:
+    return None if value is None else int(value.scaleb(6))  # at most 6 places: exact
+
+
+def _isoformat(value: date | int | None) -> str | int | None:
+    return value.isoformat() if isinstance(value, date) else value  # day_of_week is a number
+
+
+def _cell(column: str, kind: ExportFormat, money: Money, escape_formulas: bool) -> Cell | None:
+    """How a column's database value is written (None: as it is). CSV writes dates, integers
+    and decimals as their text; NDJSON writes each as GET /metrics does in JSON."""
+    metric = column.removeprefix("previous_")
+    if column in DIMENSIONS:
+        return guarded_name if kind == "csv" and escape_formulas else None
+    if column in TIME_GROUPS:
+        return _isoformat if kind == "ndjson" else None
+    if metric in MONEY_METRICS:
+        if money == "micros":
+            return _micros
+        if kind == "ndjson":
+            return cents_text if metric == "cost" else decimal_text
+        return None
+    if metric in MEASURES:  # sums of bigints are numeric in PostgreSQL: integral decimals
+        return int if kind == "ndjson" else None
+    return float_or_none if kind == "ndjson" else None  # the other ratios, and the changes
+
+
+def _converted(cells: list[Cell | None]) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
+    """A row with each value written as its column says (None stays None)."""
+    pairs = [(n, cell) for n, cell in enumerate(cells) if cell is not None]
+
+    def convert(row: tuple[Any, ...]) -> tuple[Any, ...]:
+        values = list(row)
+        for n, cell in pairs:
+            if values[n] is not None:
+                values[n] = cell(values[n])
+        return tuple(values)
+
+    return convert
+
+
+async def export_lines(
+    db: AsyncConnection,
+    plan: MetricsPlan,
+    kind: ExportFormat,
+    money: Money = "decimal",
+    escape_formulas: bool = True,
+) -> AsyncIterator[str]:
+    """Every row of a question, as CSV (a header first) or NDJSON, read through a server-side
+    cursor a batch at a time, so memory holds one batch whatever the number of rows."""
+    columns = export_columns(plan, money)
+    cells = [_cell(c, kind, money, escape_formulas) for c in (*plan.group_by, *plan.fields)]
+    convert = _converted(cells) if any(cells) else None
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in page.rows:
-        writer.writerow([csv_cell(getattr(row, column)) for column in columns])
+    writer = csv.writer(buffer, lineterminator="\n")  # None is an empty cell
+    if kind == "csv":
+        writer.writerow(columns)
+    async for batch in crud.stream_metrics_rows(db, plan):
+        rows = batch if convert is None else [convert(row) for row in batch]
+        if kind == "csv":
+            writer.writerows(rows)
+        else:
+            for row in rows:
+                buffer.write(json.dumps(dict(zip(columns, row, strict=True)), separators=COMPACT))
+                buffer.write("\n")
         yield buffer.getvalue()
         buffer.seek(0)
         buffer.truncate()

@@ -126,7 +126,7 @@ def demo_day(
 class CsvCheck:
     """What a pass over a load-metrics file found: errors, or the values it will need."""
 
-    errors: list[str] = field(default_factory=list)
+    errors: list[tuple[int, str]] = field(default_factory=list)  # (line number, problem)
     error_count: int = 0
     rows: int = 0
     # Per dimension, casefolded name -> the name as first spelled in the file.
@@ -171,7 +171,7 @@ def check_metrics_csv(lines: Iterable[str]) -> CsvCheck:
             continue
         check.error_count += len(row)
         room = MAX_LISTED_ERRORS - len(check.errors)
-        check.errors += [f"line {number}: {message}" for message in row[: max(room, 0)]]
+        check.errors += [(number, message) for message in row[: max(room, 0)]]
     return check
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: sets up .venv from requirements-dev.txt, then runs ruff, mypy and pytest.
 # Needs PostgreSQL and Redis (TEST_POSTGRES_URL / TEST_REDIS_URL; local defaults) and Debian's
-# chromium; extra arguments go to pytest.
+# chromium and nodejs; extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -24,15 +24,21 @@ echo "==> ruff"
 echo "==> mypy"
 .venv/bin/mypy
 echo "==> pytest"
-# tests/test_docs.py renders /docs and /redoc in a real browser: Debian's chromium. As root
-# (CI) it is installed here; otherwise the one command that installs it is named.
-if ! command -v chromium > /dev/null && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
-    echo "==> installing chromium (Debian's package) for the docs pages' test"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium > /dev/null
-fi
-if ! command -v chromium > /dev/null; then
-    echo "test.sh: Chromium is not installed; the docs pages' test needs it. Install it with:" >&2
-    echo "    apt-get install -y chromium" >&2
-    exit 1
-fi
+# Debian's packages some tests drive: chromium renders /docs and /redoc (tests/test_docs.py),
+# node checks names against the OpenAPI pattern with ECMA-262's own engine
+# (tests/test_name_rule.py). As root (CI) a missing one is installed here; otherwise the one
+# command that installs it is named.
+need_package() {  # command, Debian package, what needs it
+    if ! command -v "$1" > /dev/null && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
+        echo "==> installing $2 (Debian's package) for $3"
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" > /dev/null
+    fi
+    if ! command -v "$1" > /dev/null; then
+        echo "test.sh: $1 is not installed; $3 needs it. Install it with:" >&2
+        echo "    apt-get install -y $2" >&2
+        exit 1
+    fi
+}
+need_package chromium chromium "the docs pages' test"
+need_package node nodejs "the name rule's test"
 .venv/bin/pytest "$@"

@@ -141,8 +141,8 @@ def seed_arguments(command: str) -> list[str]:
 def test_compose_and_the_local_path_seed_the_same_demo_size() -> None:
     composed = seed_arguments(SERVICES["migrate"]["command"][-1])
     local = seed_arguments(readme_section("Without Docker"))
-    assert composed == local == ["--if-empty", "--days", "365", "--rows-per-day", "300"]
-    assert "109,500" in readme_section("The two commands")
+    assert composed == local == ["--if-empty", "--days", "1100", "--rows-per-day", "300"]
+    assert "330,000" in readme_section("The two commands")
 
 
 # --- the image ---------------------------------------------------------------------------------
@@ -231,7 +231,7 @@ def port_is_free(port: int) -> bool:
 def test_the_stack_runs_as_compose_states_it(stack_database: str, tmp_path: Path) -> None:
     migrate = run(SERVICES["migrate"]["command"], local_environment("migrate", stack_database))
     assert migrate.returncode == 0, migrate.stderr
-    assert "seed-metrics: 109,500 rows" in migrate.stderr + migrate.stdout
+    assert "seed-metrics: 330,000 rows" in migrate.stderr + migrate.stdout
     again = run(SERVICES["migrate"]["command"], local_environment("migrate", stack_database))
     assert again.returncode == 0
     assert "nothing to do" in again.stdout

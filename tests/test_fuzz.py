@@ -50,7 +50,7 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(400)
 def test_schemathesis_finds_nothing(fuzz_server: str) -> None:
     token = httpx.post(
         f"{fuzz_server}/auth/token",

@@ -26,7 +26,7 @@ from models import (
     MetricsSort,
     compared_fields,
 )
-from tests.helpers import MEASURES, clear_metrics, expected_metrics, passes, sql
+from tests.helpers import MEASURES, assert_problem, clear_metrics, expected_metrics, passes, sql
 
 TODAY = date(2026, 11, 10)  # a Tuesday
 DIMENSION_VALUES = {
@@ -224,9 +224,7 @@ async def test_fields_return_only_the_metrics_named_with_ratios_from_the_sums(
     assert [set(row) for row in body["rows"]] == [{"region", "ctr", "cost"}] * 2
     assert body["totals"] == {"ctr": full["totals"]["ctr"], "cost": full["totals"]["cost"]}
     csv_text = (
-        await client.get(
-            "/metrics", params={"group_by": "region", "fields": "cpm", "format": "csv"}
-        )
+        await client.get("/metrics/export", params={"group_by": "region", "fields": "cpm"})
     ).text
     assert csv_text.splitlines()[0] == "region,cpm"
 
@@ -357,32 +355,161 @@ async def test_paging_keeps_totals_and_count_of_the_whole_set(client: httpx.Asyn
     assert past_the_end["total_rows"] == 4
 
 
-async def test_csv_by_format_parameter_or_accept_header(client: httpx.AsyncClient) -> None:
+async def test_an_export_is_csv_or_ndjson_by_format_or_accept(client: httpx.AsyncClient) -> None:
     expected = (
         "region,impressions,clicks,cost,conversions,likes,ctr,cpc,cpm,cpa,cvr\n"
         "North,3000,90,55.50,5,31,0.030000,0.616667,18.500000,11.100000,0.055556\n"
         "South,3500,90,65.25,9,30,0.025714,0.725000,18.642857,7.250000,0.100000\n"
     )
-    by_format = await client.get("/metrics", params={"group_by": "region", "format": "csv"})
-    by_accept = await client.get(
-        "/metrics", params={"group_by": "region"}, headers={"Accept": "text/csv"}
-    )
-    for response in (by_format, by_accept):
-        assert response.status_code == 200
+    params = {"group_by": "region"}
+    by_default = await client.get("/metrics/export", params=params)
+    by_format = await client.get("/metrics/export", params={**params, "format": "csv"})
+    by_accept = await client.get("/metrics/export", params=params, headers={"Accept": "text/csv"})
+    for response in (by_default, by_format, by_accept):
+        assert response.status_code == 200, response.text
         assert response.headers["content-type"] == "text/csv; charset=utf-8"
-        assert response.headers["x-total-rows"] == "2"
+        assert response.headers["content-disposition"] == 'attachment; filename="metrics.csv"'
+        assert response.headers["vary"] == "Accept"
         assert response.text == expected
-    as_json = await client.get(
-        "/metrics", params={"group_by": "region", "format": "json"}, headers={"Accept": "text/csv"}
+    ndjson_accept = {"Accept": "application/x-ndjson"}
+    by_accept = await client.get("/metrics/export", params=params, headers=ndjson_accept)
+    by_format = await client.get("/metrics/export", params={**params, "format": "ndjson"})
+    # format= wins over Accept when both are given.
+    both = await client.get(
+        "/metrics/export", params={**params, "format": "ndjson"}, headers={"Accept": "text/csv"}
     )
-    assert as_json.headers["content-type"] == "application/json"
+    for response in (by_accept, by_format, both):
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"] == "application/x-ndjson"
+        assert response.headers["content-disposition"] == 'attachment; filename="metrics.ndjson"'
+        assert [json.loads(line)["region"] for line in response.text.splitlines()] == [
+            "North",
+            "South",
+        ]
+    for accept in ("application/x-ndjson", "application/json"):  # not read beside format=
+        csv_wins = await client.get(
+            "/metrics/export", params={**params, "format": "csv"}, headers={"Accept": accept}
+        )
+        assert csv_wins.status_code == 200
+        assert csv_wins.text == expected
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        ("text/csv", "text/csv"),
+        ("application/x-ndjson", "application/x-ndjson"),
+        ("text/*", "text/csv"),
+        ("*/*", "text/csv"),
+        ("application/x-ndjson, text/csv", "text/csv"),  # a tie: CSV
+        ("text/csv;q=0.5, application/x-ndjson", "application/x-ndjson"),
+        ("application/json", 406),
+        ("text/csv;q=0, application/x-ndjson;q=0", 406),
+    ],
+)
+async def test_an_export_negotiates_by_q_values(
+    client: httpx.AsyncClient, accept: str, expected: str | int
+) -> None:
+    response = await client.get("/metrics/export", headers={"Accept": accept})
+    if isinstance(expected, int):
+        problem = assert_problem(response, expected)
+        assert problem["detail"] == (
+            "This resource can be sent as text/csv or application/x-ndjson only."
+        )
+    else:
+        assert response.status_code == 200, response.text
+        assert response.headers["content-type"].startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("params", "accept", "status", "pointer"),
+    [
+        ({"format": "csv"}, None, 422, "/metrics/export?group_by=region&format=csv"),
+        ({"format": "ndjson"}, None, 422, "/metrics/export?group_by=region&format=ndjson"),
+        ({"format": "json"}, None, 422, "/metrics/export?group_by=region&format=csv"),
+        ({}, "text/csv", 406, "/metrics/export?group_by=region&format=csv"),
+        ({}, "application/x-ndjson", 406, "/metrics/export?group_by=region&format=ndjson"),
+        ({"limit": "5"}, "text/csv", 406, "/metrics/export?group_by=region&format=csv"),
+    ],
+)
+async def test_metrics_answers_json_only_and_points_to_the_export(
+    client: httpx.AsyncClient,
+    params: dict[str, str],
+    accept: str | None,
+    status: int,
+    pointer: str,
+) -> None:
+    headers = {"Accept": accept} if accept else {}
+    response = await client.get(
+        "/metrics", params={"group_by": "region", **params}, headers=headers
+    )
+    problem = assert_problem(response, status)
+    assert problem["detail"].endswith(pointer), problem
+    followed = await client.get(pointer)
+    assert followed.status_code == 200
+    assert followed.text.splitlines()[0].startswith(("region,", '{"region"'))
 
 
 async def test_csv_leaves_null_ratios_empty(client: httpx.AsyncClient) -> None:
     response = await client.get(
-        "/metrics", params={"preset": "last_7d", "group_by": "platform", "format": "csv"}
+        "/metrics/export", params={"preset": "last_7d", "group_by": "platform"}
     )
     assert response.text.splitlines()[2] == "instagram,0,0,0.00,0,1,,,,,"
+
+
+async def test_facts_that_cost_nothing_are_zeros_and_ratios_without_denominator_null(
+    client: httpx.AsyncClient,
+) -> None:
+    """docs/metrics.md: a sum over facts is a number, 0 when they hold zeros; `null` is for a
+    ratio without denominator (and, with compare, for a period without the group)."""
+    body = await get_metrics(client, preset="yesterday", group_by="device_type")
+    assert body["rows"] == []
+    today = await get_metrics(
+        client, start_date="2026-11-10", end_date="2026-11-10", group_by="device_type"
+    )
+    desktop = next(row for row in today["rows"] if row["device_type"] == "desktop")
+    assert (desktop["impressions"], desktop["cost"], desktop["likes"]) == (0, "0.00", 1)
+    assert (desktop["ctr"], desktop["cpm"]) == (None, None)
+
+
+async def test_time_groups_order_rows_in_a_fixed_order_and_columns_as_given(
+    client: httpx.AsyncClient,
+) -> None:
+    """day_of_week given first still sorts after date; an export's columns keep the given
+    order."""
+    params: dict[str, Any] = {"start_date": "2026-10-26", "end_date": "2026-11-10"}
+    params |= {"group_by": ["day_of_week", "date"], "fields": "impressions"}
+    body = await get_metrics(client, **params)
+    assert [(row["date"], row["day_of_week"]) for row in body["rows"]] == [
+        ("2026-10-30", 5),
+        ("2026-11-02", 1),
+        ("2026-11-03", 2),
+        ("2026-11-10", 2),
+    ]
+    export = await client.get("/metrics/export", params=params)
+    assert export.text.splitlines()[:2] == ["day_of_week,date,impressions", "5,2026-10-30,1000"]
+
+
+async def test_ratios_round_half_away_from_zero(
+    client: httpx.AsyncClient, session: AsyncSession
+) -> None:
+    """1 click in 128 impressions is 0.0078125: 0.007813 (half away from zero); 2 cents over
+    them is a cpm of 0.15625, kept whole."""
+    day = date(2026, 11, 5)
+    await crud.ensure_dates(session, [day])
+    await sql(
+        session,
+        "INSERT INTO fact_ad_metrics_daily SELECT 20261105, r.region_id, a.age_id, g.gender_id,"
+        " p.platform_id, pl.placement_id, d.device_type_id, 128, 1, 0.02, 0, 0"
+        " FROM dim_region r, dim_age_group a, dim_gender g, dim_platform p, dim_placement pl,"
+        " dim_device_type d WHERE r.region_name = 'North' AND a.age_range = '18-24'"
+        " AND g.gender_name = 'female' AND p.platform_name = 'facebook'"
+        " AND pl.placement_name = 'feed' AND d.device_type_name = 'mobile'",
+    )
+    await metrics.refresh_cubes(session, [day])
+    await session.commit()
+    [row] = (await get_metrics(client, start_date="2026-11-05", end_date="2026-11-05"))["rows"]
+    assert (row["ctr"], row["cpc"], row["cpm"]) == (0.007813, "0.020000", "0.156250")
 
 
 # --- rejections ----------------------------------------------------------------------------------
@@ -426,7 +553,7 @@ async def test_csv_leaves_null_ratios_empty(client: httpx.AsyncClient) -> None:
         ({"region": ["North"] * 101}, "region", "at most 100 items"),
         ({"platform": "face\x00book"}, "platform", "control characters"),
         ({"platform": ""}, "platform", "at least 1 character"),
-        ({"format": "xml"}, "format", "json"),
+        ({"format": "xml"}, "format", "GET /metrics answers JSON only"),
         ({"colour": "red"}, "colour", "unknown parameter"),
         ({"limit": ["5", "6"]}, "limit", "given more than once"),
     ],
@@ -550,9 +677,6 @@ async def test_an_export_streams_every_row_as_csv_or_ndjson(client: httpx.AsyncC
     assert [line[:3] for line in lines[1:]] == [
         [r["date"], r["region"], r["cost"]] for r in page["rows"]
     ]
-    # The page's own CSV, every row of it: the question has fewer than a page.
-    page_csv = await client.get("/metrics", params={**params, "format": "csv"})
-    assert csv_answer.text == page_csv.text
     assert len(lines) - 1 == page["total_rows"]
     ndjson = await client.get("/metrics/export", params={**params, "format": "ndjson"})
     assert ndjson.headers["content-type"] == "application/x-ndjson"

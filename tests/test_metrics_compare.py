@@ -151,6 +151,8 @@ async def expected(
     totals = [
         (await plain_sql(session, [], *span, filters) or [ZERO])[0] for span in (current, previous)
     ]
+    if not group_by:  # the one row is the totals (docs/metrics.md), a side without facts zeros
+        return [side_by_side(*totals)] if rows else [], side_by_side(*totals)
     return rows, side_by_side(*totals)
 
 
@@ -246,6 +248,25 @@ async def test_groups_found_in_one_period_only_have_the_other_side_empty(
     assert all(row["cost"] is None and row["previous_cost"] is not None for row in past)
 
 
+@pytest.mark.parametrize(
+    ("span", "compare", "empty"),
+    [
+        ((date(2026, 11, 11), date(2026, 11, 20)), "previous_period", "now"),  # after the facts
+        (C, "previous_year", "before"),  # a year before C: no facts
+    ],
+)
+async def test_one_row_without_groups_says_what_the_totals_say(
+    client: httpx.AsyncClient, span: tuple[date, date], compare: str, empty: str
+) -> None:
+    """Without group_by the one row is the totals: a period with no facts is zeros in both."""
+    body = await get_metrics(client, **range_of(span), compare=compare)
+    [row] = body["rows"]
+    assert row == body["totals"]
+    side = "impressions" if empty == "now" else "previous_impressions"
+    assert row[side] == 0
+    assert row["change_impressions"] == (-1.0 if empty == "now" else None)
+
+
 @pytest.mark.parametrize("compare", COMPARES)
 @pytest.mark.parametrize(
     "group_by",
@@ -319,10 +340,12 @@ async def test_fields_choose_the_compared_metrics_in_json_csv_and_exports(
     assert list(body["totals"]) == columns[1:]
     rows, _ = await expected(session, ["month"], {}, A, "previous_year")
     assert body["rows"] == [{c: row[c] for c in columns} for row in rows]
-    csv_text = (await client.get("/metrics", params={**params, "format": "csv"})).text
+    csv_text = (await client.get("/metrics/export", params=params)).text
     lines = list(csv.reader(io.StringIO(csv_text)))
     assert lines[0] == columns
     assert lines[1] == [str(body["rows"][0][c]) for c in columns]
+    # A negative change is a number, written as it is (only names are guarded in CSV).
+    assert any(cell.startswith("-") for line in lines[1:] for cell in line[5:])
     ndjson = (await client.get("/metrics/export", params={**params, "format": "ndjson"})).text
     assert [json.loads(line) for line in ndjson.splitlines()] == body["rows"]
 

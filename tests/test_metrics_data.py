@@ -3,12 +3,14 @@ every /metrics answer equals the same sums worked out directly in SQL."""
 
 import csv
 import io
+import json
 from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -294,12 +296,66 @@ async def test_money_is_exact_in_json_and_csv_at_any_size(
     assert Decimal(totals["cpc"]) == (Decimal("150999999999998.49") / 453).quantize(Decimal("1E-6"))
     assert totals["cpa"] == "999999999999.990000"
     assert isinstance(totals["ctr"], float)
-    csv_text = (await client.get("/metrics", params={**params, "format": "csv"})).text
-    assert ",150999999999998.49," in csv_text
+    csv_text = (await client.get("/metrics/export", params=params)).text
+    assert csv_text.splitlines()[1].startswith("1057,453,150999999999998.49,151,0,")
+    ndjson = (await client.get("/metrics/export", params={**params, "format": "ndjson"})).json()
+    assert ndjson == totals  # the one row is the totals
+    micros = (await client.get("/metrics/export", params={**params, "money": "micros"})).text
+    header, line = micros.splitlines()
+    assert header.split(",")[:4] == ["impressions", "clicks", "cost_micros", "conversions"]
+    cost_micros = line.split(",")[2]
+    assert cost_micros == "150999999999998490000"
     schema = (await client.get("/openapi.json")).json()["components"]["schemas"]
     for model, field in (("MetricsRow", "cost"), ("MetricTotals", "previous_cost")):
         cost = schema[model]["properties"][field]["anyOf"][0]
         assert (cost["type"], cost["format"]) == ("string", "decimal")
+
+
+@pytest.mark.usefixtures("seeded")
+async def test_duckdb_reads_exports_exactly_as_docs_metrics_md_says(
+    client: httpx.AsyncClient, session: AsyncSession, tmp_path: Path
+) -> None:
+    """The recipes of docs/metrics.md: money=micros as BIGINT, decimal CSV with DECIMAL types,
+    NDJSON with its money read as DECIMAL; each sum of cost equals the facts' own."""
+    start, end = END - timedelta(days=19), END
+    facts = await sql(
+        session,
+        "SELECT sum(cost) AS cost, sum(cpc) AS cpc FROM (SELECT sum(f.cost) AS cost,"
+        " round(sum(f.cost) / nullif(sum(f.clicks), 0), 6) AS cpc FROM fact_ad_metrics_daily f"
+        " JOIN dim_region r USING (region_id) WHERE f.date_id BETWEEN :first AND :last"
+        " GROUP BY f.date_id, r.region_name) AS g",
+        first=int(start.strftime("%Y%m%d")),
+        last=int(end.strftime("%Y%m%d")),
+    )
+    expected_cost, expected_cpc = tuple(facts.one())
+    question: dict[str, Any] = {"start_date": start.isoformat(), "end_date": end.isoformat()}
+    question |= {"group_by": ["date", "region"], "fields": ["cost", "cpc"]}
+    files: dict[str, Path] = {}
+    for name, extra in {
+        "micros.csv": {"money": "micros"},
+        "decimal.csv": {},
+        "rows.ndjson": {"format": "ndjson"},
+    }.items():
+        response = await client.get("/metrics/export", params={**question, **extra})
+        assert response.status_code == 200, response.text
+        files[name] = tmp_path / name
+        files[name].write_bytes(response.content)
+    duck = duckdb.connect(":memory:")
+    micros = duck.sql(
+        f"SELECT typeof(cost_micros), sum(cost_micros), sum(cpc_micros)"
+        f" FROM read_csv('{files['micros.csv']}') GROUP BY 1"
+    ).fetchall()
+    assert micros == [("BIGINT", int(expected_cost * 10**6), int(expected_cpc * 10**6))]
+    decimal_csv = duck.sql(
+        f"SELECT sum(cost), sum(cpc) FROM read_csv('{files['decimal.csv']}',"
+        " types={'cost': 'DECIMAL(18,2)', 'cpc': 'DECIMAL(24,6)'})"
+    ).fetchone()
+    assert decimal_csv == (expected_cost, expected_cpc)
+    ndjson = duck.sql(
+        f"SELECT sum(cost::DECIMAL(18,2)), sum(cpc::DECIMAL(24,6))"
+        f" FROM read_json('{files['rows.ndjson']}')"
+    ).fetchone()
+    assert ndjson == (expected_cost, expected_cpc)
 
 
 @pytest.mark.usefixtures("empty_metrics")
@@ -312,15 +368,19 @@ async def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_neutralised(
         for name in names
     ]
     cli_ok(settings, "load-metrics", str(write_csv(tmp_path, *lines)))
-    response = await client.get(
-        "/metrics", params={"preset": "last_7d", "group_by": "region", "format": "csv"}
-    )
+    question = {"preset": "last_7d", "group_by": "region"}
+    response = await client.get("/metrics/export", params=question)
     regions = [row[0] for row in csv.reader(io.StringIO(response.text))][1:]
     assert sorted(regions) == sorted([f"'{name}" for name in names[:4]] + ["Plain"])
-    json_rows = (
-        await client.get("/metrics", params={"preset": "last_7d", "group_by": "region"})
-    ).json()["rows"]
+    json_rows = (await client.get("/metrics", params=question)).json()["rows"]
     assert sorted(row["region"] for row in json_rows) == sorted(names)  # JSON is left as it is
+    # As they are, when asked; NDJSON never changes a name.
+    raw = await client.get("/metrics/export", params={**question, "escape_formulas": "false"})
+    assert sorted(row[0] for row in csv.reader(io.StringIO(raw.text)) if row[0] != "region") == (
+        sorted(names)
+    )
+    ndjson = await client.get("/metrics/export", params={**question, "format": "ndjson"})
+    assert sorted(json.loads(line)["region"] for line in ndjson.text.splitlines()) == sorted(names)
 
 
 @pytest.mark.usefixtures("empty_metrics")
@@ -345,8 +405,8 @@ async def test_load_reads_standard_input_and_keeps_the_first_spelling_of_a_new_n
 def test_load_counts_one_fact_in_the_singular(settings: Settings, tmp_path: Path) -> None:
     line = "2026-11-10,North,18-24,female,facebook,feed,mobile,1,0,0,0,0"
     output = cli_ok(settings, "load-metrics", str(write_csv(tmp_path, line)))
-    assert "load-metrics: 1 row\n" in output
     assert "load-metrics: 1 fact inserted or updated from " in output
+    assert output.count("load-metrics:") == 1  # one summary, not a second on STDERR
 
 
 @pytest.mark.usefixtures("empty_metrics")
