@@ -14,7 +14,9 @@ RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --no-create-home --home-dir /app --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-COPY main.py server.py middleware.py turns.py backoff.py cube.py models.py name_rule.py crud.py metrics.py db.py auth.py errors.py settings.py worker.py cli.py metrics_data.py alembic.ini ./
+COPY main.py deps.py problems.py openapi.py request_checks.py server.py middleware.py turns.py backoff.py \
+     models.py name_rule.py crud.py metrics.py metrics_sql.py cube.py db.py auth.py errors.py \
+     settings.py worker.py cli.py metrics_data.py alembic.ini ./
 COPY alembic ./alembic
 COPY templates ./templates
 USER 10001:10001

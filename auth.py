@@ -1,33 +1,35 @@
-"""Password hashing, login throttling, access tokens, and the `CurrentUser` dependency."""
+"""Password hashing, the login throttle, access tokens, the user a token is for, and the admin
+account provisioned at start-up."""
 
 import asyncio
+import logging
+import os
+import signal
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Annotated
 
 import jwt
-from fastapi import Depends, Request
-from fastapi.security import OAuth2PasswordBearer
 from pwdlib import PasswordHash
 from pwdlib.hashers.argon2 import Argon2Hasher
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlmodel.ext.asyncio.session import AsyncSession
 
 import crud
-from db import SessionDep, SettingsDep
+from backoff import Backoff
+from db import SessionMaker
 from errors import TooManyRequests, Unauthorized
 from models import INT32_MAX, Token, User
 from settings import PLACEHOLDER_ADMIN_PASSWORD, Settings
 from turns import Turns
 
+log = logging.getLogger("pets.api")
+
 ALGORITHM = "HS256"
 
 password_hasher = PasswordHash((Argon2Hasher(),))
-
-# auto_error=False: a missing token is answered by our own 401 problem, not FastAPI's.
-bearer_scheme = OAuth2PasswordBearer(tokenUrl="auth/token", auto_error=False)
 
 
 async def hash_password(password: str) -> str:
@@ -114,20 +116,6 @@ def create_login_guard(settings: Settings, redis: Redis, read_engine: AsyncEngin
         ),
         read_engine=read_engine,
     )
-
-
-def login_guard(request: Request) -> LoginGuard:
-    guard: LoginGuard = request.app.state.login_guard
-    return guard
-
-
-def client_address(request: Request) -> str:
-    # What uvicorn says the peer is (it decides whether proxy headers may change that).
-    return request.client.host if request.client else "unknown"
-
-
-LoginGuardDep = Annotated[LoginGuard, Depends(login_guard)]
-ClientAddress = Annotated[str, Depends(client_address)]
 
 
 def login_counter_keys(username: str, client: str) -> list[str]:
@@ -221,11 +209,8 @@ def user_id_from_token(token: str, settings: Settings) -> int:
     return user_id
 
 
-async def current_user(
-    settings: SettingsDep,
-    session: SessionDep,
-    token: Annotated[str | None, Depends(bearer_scheme)],
-) -> User:
+async def user_of_token(session: AsyncSession, token: str | None, settings: Settings) -> User:
+    """The user a bearer token is for; 401 without one, for a bad one, or for a user gone."""
     if token is None:
         raise Unauthorized("This operation needs a bearer token: POST /auth/token to get one.")
     user = await crud.get_user(session, user_id_from_token(token, settings))
@@ -234,6 +219,56 @@ async def current_user(
     return user
 
 
-CurrentUser = Annotated[User, Depends(current_user)]
-# For a route that needs a signed-in user but not the user itself (in its `dependencies`).
-Authenticated = Depends(current_user)
+# --- the admin account -------------------------------------------------------------------------
+
+
+class PlaceholderAdminPassword(RuntimeError):
+    """Outside development, the admin account still opens with the placeholder password."""
+
+
+async def provision_admin(settings: Settings, sessionmaker: SessionMaker) -> None:
+    """Create the configured admin account if it is missing; an existing one is left as it is,
+    but outside development it must not still have the placeholder password (an account made
+    before ADMIN_PASSWORD was set is never overwritten by it)."""
+    async with sessionmaker() as session:
+        admin = await crud.get_user_by_username(session, settings.ADMIN_USERNAME)
+    if admin is not None:
+        if settings.ENVIRONMENT != "development" and await has_placeholder_password(admin):
+            raise PlaceholderAdminPassword(
+                f"the admin account {admin.username!r} still has the development placeholder"
+                " password; give it a real one (e.g. delete the account so that start-up"
+                " creates it again with ADMIN_PASSWORD)"
+            )
+        return
+    password_hash = await hash_password(settings.ADMIN_PASSWORD.get_secret_value())
+    async with sessionmaker() as session:
+        if await crud.add_user_if_missing(session, settings.ADMIN_USERNAME, password_hash):
+            log.info("created admin user %r", settings.ADMIN_USERNAME)
+
+
+def stop_this_process() -> None:
+    """Shut down as `docker stop` would: requests under way finish, then the process exits."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+# Waits between attempts to provision the admin account while the database is away.
+ADMIN_BACKOFF = Backoff(first=2.0, cap=30.0)
+
+
+async def keep_provisioning_admin(settings: Settings, sessionmaker: SessionMaker) -> None:
+    """Retry with backoff until the database (and its schema) is there. The API is serving by
+    then, so an admin account that turns out to have the placeholder password stops it."""
+
+    async def on_retry(error: Exception, _failures: int, delay: float) -> None:
+        log.warning("admin user not provisioned yet (%s); retrying in %.0f s", error, delay)
+
+    await asyncio.sleep(1.0)  # the lifespan's own attempt has just failed
+    try:
+        await ADMIN_BACKOFF.retry(
+            lambda: provision_admin(settings, sessionmaker),
+            retryable=lambda error: not isinstance(error, PlaceholderAdminPassword),
+            on_retry=on_retry,
+        )
+    except PlaceholderAdminPassword as error:
+        log.critical("refusing to serve, stopping: %s", error)
+        stop_this_process()

@@ -55,7 +55,7 @@ async def in_session(settings: Settings, work: Callable[[AsyncSession], Awaitabl
         await engine.dispose()
 
 
-def database_unavailable(error: BaseException) -> str:
+def outage_message(error: BaseException) -> str:
     return f"the database is unavailable ({error.__class__.__name__}: {error})"
 
 
@@ -63,7 +63,7 @@ def run_in_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[
     try:
         return asyncio.run(in_session(settings, work))
     except (OSError, SQLAlchemyError) as error:
-        return fail(database_unavailable(error))
+        return fail(outage_message(error))
 
 
 # How often wait-for-db asks: soon at first (a container's database is often seconds away).
@@ -268,8 +268,8 @@ def load_metrics_file(settings: Settings, path: Path, name: str) -> int:
     except (OSError, SQLAlchemyError) as error:
         if check.errors:  # what the file shows without the database
             not_loaded(name, check.errors, check.error_count)
-            return fail(f"{database_unavailable(error)}; keys given twice were not looked for")
-        return fail(database_unavailable(error))
+            return fail(f"{outage_message(error)}; keys given twice were not looked for")
+        return fail(outage_message(error))
 
 
 # --- the command line --------------------------------------------------------------------------

@@ -3,61 +3,37 @@ only, nothing stateful."""
 
 import io
 import operator
-from collections.abc import AsyncIterable, AsyncIterator, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from datetime import date, timedelta
-from decimal import Decimal
-from functools import lru_cache
+from datetime import date
 from typing import Any
 
 from sqlalchemy import (
-    CTE,
     ColumnElement,
-    Date,
     Executable,
-    FromClause,
-    Integer,
-    Label,
-    Numeric,
     Result,
     Row,
-    Select,
-    Table,
-    UnaryExpression,
-    and_,
     bindparam,
-    cast,
     exists,
     func,
-    literal,
     text,
-    true,
-    union_all,
 )
 from sqlalchemy import select as core_select
-from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.schema import AddConstraint, DropConstraint
-from sqlmodel import SQLModel, col, delete, update
+from sqlmodel import col, delete, update
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from errors import NotFound, PreconditionFailed
+from metrics_sql import FACT, metrics_statement
 from models import (
     CUBE_DAILY,
     CUBE_MONTHLY,
-    DIMENSIONS,
-    MEASURES,
-    METRICS,
-    TIME_GROUPS,
-    DimDate,
     Dimension,
-    FactAdMetricsDaily,
     MetricsPage,
     MetricsPlan,
     MetricsRow,
-    MetricsSource,
     MetricTotals,
     Pet,
     PetCreate,
@@ -68,7 +44,7 @@ from models import (
     PetUpdate,
     User,
     date_id_of,
-    dimensions_of,
+    table_of,
 )
 
 # Reads run on a session or, for single-statement routes, on a bare connection.
@@ -85,12 +61,7 @@ async def _run(
     return result
 
 
-def _table(model: type[SQLModel]) -> Table:
-    table: Table = model.__table__  # type: ignore[attr-defined]
-    return table
-
-
-PETS = _table(Pet)
+PETS = table_of(Pet)
 # Pets are read as plain rows validated straight into PetPublic: no ORM objects to build.
 PET_ROWS = core_select(PETS.c.name, PETS.c.pet_type, PETS.c.id, PETS.c.created_at)
 # A single pet comes with its version, for its ETag.
@@ -249,7 +220,7 @@ async def get_user(session: AsyncSession, user_id: int) -> User | None:
     return await session.get(User, user_id)
 
 
-USERS = _table(User)
+USERS = table_of(User)
 
 
 async def get_user_by_username(db: Executor, username: str) -> User | None:
@@ -278,327 +249,13 @@ async def add_user_if_missing(
 # --- ad metrics --------------------------------------------------------------------------------
 
 
-FACT = _table(FactAdMetricsDaily)
-DAYS = _table(DimDate)
-
-
 async def dimension_values(db: Executor, dimension: Dimension) -> list[tuple[int, str]]:
     """Every (id, name) of a dimension, by name."""
-    table = _table(dimension.table)
+    table = table_of(dimension.table)
     name = table.c[dimension.name_column]
     statement = core_select(table.c[dimension.id_column].label("id"), name.label("name"))
     result = await _run(db, statement.order_by(name))
     return [(row["id"], row["name"]) for row in result.mappings()]
-
-
-def _ratio_values(sums: Mapping[str, ColumnElement[Any]]) -> dict[str, ColumnElement[Any]]:
-    """Ratios of sums, rounded to 6 places; NULL where the denominator is 0."""
-
-    def ratio(numerator: str, denominator: str, scale: int = 1) -> ColumnElement[Any]:
-        top = sums[numerator] * scale if scale != 1 else sums[numerator]
-        return func.round(cast(top, Numeric) / func.nullif(sums[denominator], 0), 6)
-
-    return {
-        "ctr": ratio("clicks", "impressions"),
-        "cpc": ratio("cost", "clicks"),
-        "cpm": ratio("cost", "impressions", 1000),
-        "cpa": ratio("cost", "conversions"),
-        "cvr": ratio("conversions", "clicks"),
-    }
-
-
-def _change(value: ColumnElement[Any], previous: ColumnElement[Any]) -> ColumnElement[Any]:
-    """(value - previous) / previous, rounded to 6 places; NULL where either is NULL or the
-    previous is 0."""
-    return func.round(cast(value - previous, Numeric) / func.nullif(previous, 0), 6)
-
-
-def metrics_statement(
-    plan: MetricsPlan, every_row: bool = False
-) -> tuple[Select[Any], dict[str, Any]]:
-    """The statement that answers `plan` (its page with the totals, or `every_row` in order),
-    and the values to run it with."""
-    shape = _MetricsShape(
-        tuple((part.source, part.probe_depth) for part in plan.parts),
-        tuple((part.source, part.probe_depth) for part in plan.previous),
-        plan.set_mask,
-        plan.group_by,
-        plan.sort,
-        tuple(sorted(plan.filters)),
-        tuple(sorted(plan.excludes)),
-        tuple((metric, operator) for metric, operator, _ in plan.conditions),
-        every_row,
-    )
-    values: dict[str, Any] = {
-        "limit": plan.limit,
-        "offset": plan.offset,
-        **{f"{name}_ids": ids for name, ids in plan.filters.items()},
-        **{f"exclude_{name}_ids": ids for name, ids in plan.excludes.items()},
-        **{f"condition_{n}": number for n, (_, _, number) in enumerate(plan.conditions)},
-    }
-    if plan.previous:
-        values["shift_years"], values["shift_days"] = plan.shift
-    for number, part in enumerate((*plan.parts, *plan.previous)):
-        values[f"first_{number}"] = part.first_id
-        values[f"last_{number}"] = part.last_id
-        if part.source == "fact_probes":
-            values[f"days_{number}"] = date_ids_between(part.first_id, part.last_id)
-    return _metrics_statement(shape), values
-
-
-def date_ids_between(first_id: int, last_id: int) -> list[int]:
-    """Every date_id from one to the other."""
-    first, last = day_of(first_id), day_of(last_id)
-    return [date_id_of(first + timedelta(days=n)) for n in range((last - first).days + 1)]
-
-
-def day_of(date_id: int) -> date:
-    return date(date_id // 10000, date_id // 100 % 100, date_id % 100)
-
-
-Source = tuple[MetricsSource, int]  # and the probe depth
-
-
-@dataclass(frozen=True)
-class _MetricsShape:
-    """What a metrics statement depends on besides its values: one statement is built per shape."""
-
-    sources: tuple[Source, ...]
-    previous: tuple[Source, ...]  # of the earlier period, when comparing
-    set_mask: int
-    group_by: tuple[str, ...]
-    sort: str | None
-    filters: tuple[str, ...]
-    excludes: tuple[str, ...]
-    conditions: tuple[tuple[str, str], ...]  # (metric, operator); the numbers are bound
-    every_row: bool = False  # every grouped row, in order, for an export; else the page
-
-
-TIMES = frozenset(TIME_GROUPS)
-CUBES: dict[MetricsSource, Table] = {"daily": CUBE_DAILY, "monthly": CUBE_MONTHLY}
-# The primary key of the facts after date_id: the order its probes walk.
-FACT_KEY_ORDER = [column.name for column in FACT.primary_key.columns][1:]
-
-
-def _part(shape: _MetricsShape, number: int, source: Source, time_grouped: bool) -> Select[Any]:
-    """One part of a range, as rows of (date_id when grouped by time), the ids of the dimensions
-    grouped by and the measures. A monthly row stands for the first day of its month."""
-    source_name, depth = source
-    used = dimensions_of(shape.set_mask)  # filtered or grouped by
-    grouped = [name for name in used if name in shape.group_by]
-    first = bindparam(f"first_{number}", type_=Integer)
-    last = bindparam(f"last_{number}", type_=Integer)
-
-    def ids(name: str) -> Any:
-        return bindparam(f"{name}_ids", expanding=True, type_=Integer)
-
-    if source_name in CUBES:
-        cube = CUBES[source_name]
-        period = cube.c.date_id if source_name == "daily" else cube.c.month_id
-        keys = {name: cube.c[f"k{n + 1}"] for n, name in enumerate(used)}
-        conditions = [cube.c.set_id == literal(shape.set_mask), period.between(first, last)]
-        day = period if source_name == "daily" else period * 100 + 1
-        measures = [cube.c[m] for m in MEASURES if m != "cost"]
-        cost = (cube.c.cost_cents * literal(Decimal("0.01"))).label("cost")
-        sums = [*measures[:2], cost, *measures[2:]]
-        selected: list[ColumnElement[Any]] = [day.label("date_id")] if time_grouped else []
-        selected += [keys[name].label(DIMENSIONS[name].id_column) for name in grouped]
-        conditions += [keys[name].in_(ids(name)) for name in shape.filters]
-        conditions += [keys[name].not_in(ids(f"exclude_{name}")) for name in shape.excludes]
-        return core_select(*selected, *sums).where(*conditions)
-    selected = [FACT.c.date_id] if time_grouped else []
-    selected += [FACT.c[DIMENSIONS[name].id_column] for name in grouped]
-    conditions = [FACT.c[DIMENSIONS[name].id_column].in_(ids(name)) for name in shape.filters]
-    conditions += [
-        FACT.c[DIMENSIONS[name].id_column].not_in(ids(f"exclude_{name}")) for name in shape.excludes
-    ]
-    if source_name == "facts":
-        conditions.append(FACT.c.date_id.between(first, last))
-    else:
-        # date_id = ANY(days) and each of the key's first `depth` columns given as an array
-        # (all of a dimension's ids when it is not filtered) make the primary key probe each
-        # combination instead of reading every fact of the range; deeper filters are checked
-        # on the facts found.
-        days = bindparam(f"days_{number}", type_=postgresql.ARRAY(Integer))
-        conditions.append(FACT.c.date_id == func.any(days))
-        filtered = {DIMENSIONS[name].id_column for name in shape.filters}
-        for key in FACT_KEY_ORDER[:depth]:
-            if key not in filtered:
-                dimension = next(d for d in DIMENSIONS.values() if d.id_column == key)
-                every = core_select(_table(dimension.table).c[key]).scalar_subquery()
-                conditions.append(FACT.c[key] == func.any(func.array(every)))
-    return core_select(*selected, *(FACT.c[m] for m in MEASURES)).where(*conditions)
-
-
-def _isodow(day: ColumnElement[Any]) -> ColumnElement[int]:
-    return cast(func.extract("isodow", day), Integer)
-
-
-def _bucket(group: str, day: ColumnElement[Any]) -> ColumnElement[Any]:
-    """The time bucket of a day: the day, its Monday, the first day of its month, quarter or
-    year, or its ISO day of the week (1 Monday to 7 Sunday)."""
-    if group == "date":
-        return day
-    if group == "day_of_week":
-        return _isodow(day)
-    return cast(func.date_trunc(group, day), Date)
-
-
-def _grouped(shape: _MetricsShape, period: int) -> CTE:
-    """The grouped rows of the range (period 0) or of the earlier period (1): the groups' names
-    and time buckets, the sums and the ratios. A day of the earlier period is bucketed as the
-    day of the range it is compared with (shift_years and shift_days later), but keeps its own
-    day of the week when that is the only time group: Mondays stay Mondays.
-
-    Each part of the period is read from its source (see _part), the parts are summed together
-    on their ids, and only that result is joined to the small dimension tables for names and
-    to calendar buckets, then summed again by those."""
-    time_grouped = any(group in TIME_GROUPS for group in shape.group_by)
-    offset = len(shape.sources) if period else 0
-    sources = shape.previous if period else shape.sources
-    parts = [
-        _part(shape, offset + number, source, time_grouped) for number, source in enumerate(sources)
-    ]
-    united = (parts[0] if len(parts) == 1 else union_all(*parts)).subquery(f"parts_{period}")
-    id_columns = [DIMENSIONS[name].id_column for name in shape.group_by if name in DIMENSIONS]
-    keys = [united.c[key] for key in (["date_id"] if time_grouped else []) + id_columns]
-    by_ids = (
-        core_select(*keys, *(func.sum(united.c[m]).label(m) for m in MEASURES))
-        .group_by(*keys)
-        .cte(f"by_ids_{period}")
-    )
-
-    source: FromClause = by_ids
-    if time_grouped:
-        date_id = by_ids.c.date_id
-        day = func.make_date(date_id // 10000, date_id // 100 % 100, date_id % 100, type_=Date)
-    groups: list[Label[Any]] = []
-    for group in shape.group_by:
-        if group in TIME_GROUPS:
-            own_weekday = group == "day_of_week" and len(set(shape.group_by) & TIMES) == 1
-            if period and not own_weekday:
-                years, days = (
-                    bindparam(f"shift_{unit}", type_=Integer) for unit in ("years", "days")
-                )
-                carried = cast(day + func.make_interval(years, 0, 0, days), Date)
-                groups.append(_bucket(group, carried).label(group))
-            else:
-                groups.append(_bucket(group, day).label(group))
-        else:
-            dimension = DIMENSIONS[group]
-            table = _table(dimension.table)
-            source = source.join(
-                table, table.c[dimension.id_column] == by_ids.c[dimension.id_column]
-            )
-            groups.append(table.c[dimension.name_column].label(group))
-    sums = {m: func.sum(by_ids.c[m]) for m in MEASURES}
-    metrics = {**sums, **_ratio_values(sums)}
-    return (
-        core_select(*groups, *(value.label(m) for m, value in metrics.items()))
-        .select_from(source)
-        .group_by(*groups)
-        # Without groups the sums form one row even when nothing matched; drop it then.
-        .having(func.count(by_ids.c.impressions) > 0)
-        .cte(f"grouped_{period}")
-    )
-
-
-def _compared(shape: _MetricsShape) -> CTE:
-    """The range's grouped rows beside the earlier period's, matched on their names and time
-    buckets, with each metric's change; a group found in one period only has NULLs for the
-    other. Without groups the one row is the totals, so a period without facts counts as
-    zeros there, as in the totals."""
-    now, before = _grouped(shape, 0), _grouped(shape, 1)
-    matched = [now.c[group] == before.c[group] for group in shape.group_by]
-    joined = now.outerjoin(before, and_(*matched) if matched else true(), full=True)
-    current, previous = (
-        (_zero_filled(now), _zero_filled(before))
-        if not shape.group_by
-        else ({m: now.c[m] for m in METRICS}, {m: before.c[m] for m in METRICS})
-    )
-    return (
-        core_select(
-            *(func.coalesce(now.c[g], before.c[g]).label(g) for g in shape.group_by),
-            *(current[m].label(m) for m in METRICS),
-            *(previous[m].label(f"previous_{m}") for m in METRICS),
-            *(_change(current[m], previous[m]).label(f"change_{m}") for m in METRICS),
-        )
-        .select_from(joined)
-        .cte("compared")
-    )
-
-
-def _zero_filled(grouped: CTE) -> dict[str, ColumnElement[Any]]:
-    """A period's metrics with its sums 0 where it has no row."""
-    sums = {m: func.coalesce(grouped.c[m], 0) for m in MEASURES}
-    return {**sums, **_ratio_values(sums)}
-
-
-# Building the statement costs more than running it on a cube; its values are bound per run.
-@lru_cache(maxsize=512)
-def _metrics_statement(shape: _MetricsShape) -> Select[Any]:
-    """One statement: the page of groups, and on every row the totals and the number of groups
-    (or, for an export, every row in order)."""
-    grouped = _compared(shape) if shape.previous else _grouped(shape, 0)
-    if shape.conditions:  # like HAVING: on the grouped rows, before the page and the totals
-        grouped = core_select(grouped).where(*_conditions(shape, grouped)).cte("passing")
-    order = _metrics_order(shape, grouped)
-    if shape.every_row:
-        return core_select(grouped).order_by(*order)
-    page = (
-        core_select(grouped, func.row_number().over(order_by=order).label("position"))
-        .order_by(*order)
-        .limit(bindparam("limit", type_=Integer))
-        .offset(bindparam("offset", type_=Integer))
-        .cte("page")
-    )
-    totals = _totals(grouped, compared=bool(shape.previous)).cte("totals")
-    return (
-        core_select(totals, page)
-        .select_from(totals.outerjoin(page, true()))
-        .order_by(page.c.position)
-    )
-
-
-def _totals(grouped: CTE, compared: bool) -> Select[Any]:
-    """The number of rows and the metrics of their sums (with those of the earlier period and
-    the changes, when comparing), as total_<metric>."""
-    sums = {m: func.coalesce(func.sum(grouped.c[m]), 0) for m in MEASURES}
-    totals = {**sums, **_ratio_values(sums)}
-    if compared:
-        earlier = {m: func.coalesce(func.sum(grouped.c[f"previous_{m}"]), 0) for m in MEASURES}
-        previous = {**earlier, **_ratio_values(earlier)}
-        totals |= {f"previous_{m}": previous[m] for m in METRICS}
-        totals |= {f"change_{m}": _change(totals[m], previous[m]) for m in METRICS}
-    return core_select(
-        func.count().label("total_rows"),
-        *(value.label(f"total_{name}") for name, value in totals.items()),
-    )
-
-
-COMPARISONS = {
-    ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le, "=": operator.eq,
-    "!=": operator.ne,
-}  # fmt: skip
-
-
-def _conditions(shape: _MetricsShape, grouped: CTE) -> list[ColumnElement[bool]]:
-    return [
-        COMPARISONS[comparison](grouped.c[metric], bindparam(f"condition_{n}", type_=Numeric))
-        for n, (metric, comparison) in enumerate(shape.conditions)
-    ]
-
-
-def _metrics_order(shape: _MetricsShape, grouped: CTE) -> list[UnaryExpression[Any]]:
-    """The requested sort first; then time groups, then the others as given (a stable order)."""
-    default = [g for g in TIME_GROUPS if g in shape.group_by] + [
-        g for g in shape.group_by if g not in TIME_GROUPS
-    ]
-    order: list[UnaryExpression[Any]] = []
-    if shape.sort is not None:
-        column = grouped.c[shape.sort.removeprefix("-")]
-        order.append((column.desc() if shape.sort.startswith("-") else column.asc()).nulls_last())
-    return order + [grouped.c[g].asc() for g in default if g != (shape.sort or "").lstrip("-")]
 
 
 async def query_metrics(db: Executor, plan: MetricsPlan) -> MetricsPage:
@@ -652,7 +309,7 @@ async def ensure_dimension_values(
             missing.setdefault(name.casefold(), name)
     if not missing:
         return ids
-    table = _table(dimension.table)
+    table = table_of(dimension.table)
     rows = [{dimension.name_column: name} for name in missing.values()]
     await _run(session, insert(table).values(rows).on_conflict_do_nothing())
     return await ensure_dimension_values(session, dimension, ())
@@ -716,7 +373,7 @@ async def foreign_keys_checked_once(session: AsyncSession) -> AsyncIterator[None
 async def after_bulk_load(session: AsyncSession) -> None:
     """Fresh planner statistics, and BRIN summaries for the pages just written (until then a
     date range query reads those pages whatever their dates)."""
-    for table in (FACT, *CUBES.values()):
+    for table in (FACT, CUBE_DAILY, CUBE_MONTHLY):
         await _run(session, text(f"ANALYZE {table.name}"))
     await _run(
         session, text("SELECT brin_summarize_new_values('ix_fact_ad_metrics_daily_date_id_brin')")
@@ -756,9 +413,9 @@ async def replace_cube_rows(
     session: AsyncSession, month: int, daily: bytes, monthly: bytes
 ) -> None:
     """Replace the cubes' rows of a month (a month_id) by these binary COPYs."""
-    days = CUBES["daily"].c.date_id.between(month * 100 + 1, month * 100 + 31)
-    await _run(session, CUBES["daily"].delete().where(days))
-    await _run(session, CUBES["monthly"].delete().where(CUBES["monthly"].c.month_id == month))
+    days = CUBE_DAILY.c.date_id.between(month * 100 + 1, month * 100 + 31)
+    await _run(session, CUBE_DAILY.delete().where(days))
+    await _run(session, CUBE_MONTHLY.delete().where(CUBE_MONTHLY.c.month_id == month))
     await copy_binary(session, "cube_daily", daily)
     await copy_binary(session, "cube_monthly", monthly)
 
@@ -774,7 +431,7 @@ async def copy_binary(
     )  # fmt: skip
 
 
-async def copy_rows(
+async def copy_csv_lines(
     session: AsyncSession, table: str, columns: Sequence[str], source: AsyncIterable[bytes]
 ) -> None:
     """PostgreSQL COPY of CSV lines into `table`, on the session's connection and transaction."""
@@ -813,7 +470,7 @@ async def stage_facts(
     of this transaction. Returns the line numbers of each key given more than once (the first
     `listed` such keys) and how many keys were."""
     await _run(session, text(CREATE_STAGING))
-    await copy_rows(session, "staged_facts", STAGING_COLUMNS, source)
+    await copy_csv_lines(session, "staged_facts", STAGING_COLUMNS, source)
     repeated = (await _run(session, text(REPEATED_KEYS).bindparams(limit=listed))).all()
     return [list(row.lines) for row in repeated], (repeated[0].repeated if repeated else 0)
 

@@ -208,7 +208,7 @@ def read_copy(data: bytes, fields: Sequence[str]) -> list[Array]:
     return [rows[f"f{n}"]["value"].astype(np.int64) for n in range(len(fields))]
 
 
-def copy_rows(columns: Sequence[Array], fields: Sequence[str]) -> bytes:
+def binary_copy_rows(columns: Sequence[Array], fields: Sequence[str]) -> bytes:
     """The rows of a binary COPY (no signature, no trailer) of these int64 columns as the given
     fields; a CENTS column holds cents, 0 up to CENTS_LIMIT."""
     row = copy_row_type(fields)
@@ -231,8 +231,8 @@ def copy_rows(columns: Sequence[Array], fields: Sequence[str]) -> bytes:
 
 
 def write_copy(columns: Sequence[Array], fields: Sequence[str]) -> bytes:
-    """A binary COPY of these int64 columns as the given fields (see copy_rows)."""
-    return COPY_SIGNATURE + copy_rows(columns, fields) + COPY_TRAILER
+    """A binary COPY of these int64 columns as the given fields (see binary_copy_rows)."""
+    return COPY_SIGNATURE + binary_copy_rows(columns, fields) + COPY_TRAILER
 
 
 def cube_columns(cells: Cells, key_count: int) -> list[Array]:

@@ -1,15 +1,11 @@
-"""The async engines, the session factory, and the dependencies that hand a request what the
-lifespan keeps on `app.state`: the settings, Redis, sessions and connections."""
+"""The async engines (the main pool and the analytics pool) and the session factory."""
 
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Annotated, Any
+from collections.abc import Mapping
+from typing import Any
 
-from fastapi import Depends, Request
-from redis.asyncio import Redis
 from sqlalchemy import event
 from sqlalchemy.exc import DisconnectionError
 from sqlalchemy.ext.asyncio import (
-    AsyncConnection,
     AsyncEngine,
     async_sessionmaker,
     create_async_engine,
@@ -17,7 +13,6 @@ from sqlalchemy.ext.asyncio import (
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from settings import Settings
-from turns import Turns
 
 SessionMaker = async_sessionmaker[AsyncSession]
 # Most analytics questions read a few thousand cube rows in a millisecond; starting parallel
@@ -74,83 +69,7 @@ def create_sessionmaker(engine: AsyncEngine) -> SessionMaker:
     return async_sessionmaker(engine, class_=AsyncSession, expire_on_commit=False)
 
 
-def from_state(name: str) -> Callable[[Request], Any]:
-    """A dependency that hands a request `app.state.<name>`, as the lifespan made it."""
-
-    def dependency(request: Request) -> Any:
-        return getattr(request.app.state, name)
-
-    return dependency
-
-
-SettingsDep = Annotated[Settings, Depends(from_state("settings"))]
-RedisDep = Annotated[Redis, Depends(from_state("redis"))]
-# The main pool without transactions (see `autocommit`), and the analytics pool.
-ReadEngineDep = Annotated[AsyncEngine, Depends(from_state("read_engine"))]
-MetricsEngineDep = Annotated[AsyncEngine, Depends(from_state("metrics_engine"))]
-SessionMakerDep = Annotated[SessionMaker, Depends(from_state("sessionmaker"))]
-ListingTurnsDep = Annotated[Turns, Depends(from_state("listing_turns"))]
-MetricsTurnsDep = Annotated[Turns, Depends(from_state("metrics_turns"))]
-ExportTurnsDep = Annotated[Turns, Depends(from_state("export_turns"))]
-# The analytics pool with transactions, for the cursors of exports.
-MetricsStreamEngineDep = Annotated[AsyncEngine, Depends(from_state("metrics_stream_engine"))]
-
-
-async def get_session(sessionmaker: SessionMakerDep) -> AsyncIterator[AsyncSession]:
-    async with sessionmaker() as session:
-        yield session
-
-
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
-
-
 def autocommit(engine: AsyncEngine) -> AsyncEngine:
     """The same pool for routes that read with one statement: no BEGIN and ROLLBACK round trips
     around it, and no ORM session to build."""
     return engine.execution_options(isolation_level="AUTOCOMMIT")
-
-
-async def get_connection(engine: ReadEngineDep) -> AsyncIterator[AsyncConnection]:
-    async with engine.connect() as connection:
-        yield connection
-
-
-ConnectionDep = Annotated[AsyncConnection, Depends(get_connection)]
-
-
-async def get_listing_connection(
-    turns: ListingTurnsDep, engine: ReadEngineDep
-) -> AsyncIterator[AsyncConnection]:
-    """A connection of the main pool for a pet listing, once one of PETS_LIST_MAX_CONCURRENT
-    turns is free: a name search scans the table, so a flood of them must not take the pool
-    (or every core) from reads by id, logins and writes."""
-    async with turns.take(), engine.connect() as connection:
-        yield connection
-
-
-ListingConnectionDep = Annotated[AsyncConnection, Depends(get_listing_connection)]
-
-
-async def get_metrics_connection(
-    turns: MetricsTurnsDep, engine: MetricsEngineDep
-) -> AsyncIterator[AsyncConnection]:
-    """A connection of the analytics pool, once one of its METRICS_MAX_CONCURRENT turns is free
-    (503 after METRICS_QUEUE_SECONDS): heavy questions queue here, not in the main pool."""
-    async with turns.take(), engine.connect() as connection:
-        yield connection
-
-
-MetricsConnectionDep = Annotated[AsyncConnection, Depends(get_metrics_connection)]
-
-
-async def get_export_connection(
-    exports: ExportTurnsDep, turns: MetricsTurnsDep, engine: MetricsStreamEngineDep
-) -> AsyncIterator[AsyncConnection]:
-    """A connection of the analytics pool, in a transaction (a server-side cursor needs one),
-    for an export: one of METRICS_MAX_EXPORTS export turns and an analytics turn, held until the
-    last row is sent (a dependency's exit runs after its streamed response)."""
-    async with exports.take(), turns.take(), engine.connect() as connection:
-        yield connection
-
-
-ExportConnectionDep = Annotated[AsyncConnection, Depends(get_export_connection)]

@@ -57,7 +57,7 @@ from models import (
     MetricsPlan,
     MetricsQuery,
     MetricsQuestion,
-    MetricsSource,
+    PartSource,
     cents_text,
     compared_fields,
     date_id_of,
@@ -385,10 +385,7 @@ def _month_before_end(day: date) -> date | None:
     return day.replace(day=1) - timedelta(days=1)
 
 
-DaySource = tuple[MetricsSource, int]  # the source of days, and its probe depth
-
-
-def day_source(filters: Mapping[str, list[int]], sizes: Mapping[str, int], mask: int) -> DaySource:
+def day_source(filters: Mapping[str, list[int]], sizes: Mapping[str, int], mask: int) -> PartSource:
     """Where days are read from: the daily cube when it holds the question's dimensions; else the
     facts, by a range scan or by probing the primary key down to the depth that costs least.
 
@@ -396,7 +393,7 @@ def day_source(filters: Mapping[str, list[int]], sizes: Mapping[str, int], mask:
     ids, or all of a dimension's) and visits the facts under each, checking deeper filters."""
     if mask.bit_count() <= CUBE_MAX_DIMENSIONS:
         return "daily", 0
-    best: DaySource = ("facts", 0)
+    best: PartSource = ("facts", 0)
     if not filters:
         return best
     order = list(DIMENSIONS)  # the facts' primary key after date_id
@@ -418,7 +415,7 @@ def plan_parts(
     start: date,
     end: date,
     group_by: Collection[str],
-    days_from: DaySource,
+    days_from: PartSource,
     whole_months: bool = True,
 ) -> tuple[MetricsPart, ...]:
     """Where each part of the range is read from: whole months from the monthly cube (unless the
@@ -595,7 +592,7 @@ async def export_lines(
 # --- loading facts -----------------------------------------------------------------------------
 
 # Told how many more rows have been written, for a progress display.
-Progress = Callable[[int], None]
+RowsWritten = Callable[[int], None]
 
 
 async def write_facts(
@@ -683,7 +680,7 @@ FACT_FIELDS = (*(">i4",) * (1 + len(DIMENSIONS)), ">i8", ">i8", cube.CENTS, ">i8
 
 
 async def seed_facts(
-    session: AsyncSession, days: int, rows_per_day: int, seed: int, end: date, progress: Progress
+    session: AsyncSession, days: int, rows_per_day: int, seed: int, end: date, progress: RowsWritten
 ) -> int:
     """The demo dimensions and `days` days of demo facts ending `end`, replacing those days'
     facts; returns how many facts were written."""
@@ -738,7 +735,7 @@ async def load_facts(
     session: AsyncSession,
     check: CsvCheck,
     rows: Callable[[], Iterable[tuple[int, MetricsCsvRow]]],
-    progress: Progress,
+    progress: RowsWritten,
 ) -> Loaded:
     """Upsert the checked rows of a file (`rows` reads them again), adding the dimension values
     they name (each as first spelled in the file). Nothing is written when the file has errors

@@ -1,10 +1,15 @@
-"""ASGI middleware every response passes through: HEAD answered as GET without a body, the
-security headers, and analytics stopped when their client hangs up."""
+"""ASGI middleware every request passes through: URLs that are not UTF-8 refused, HEAD answered
+as GET without a body, the security headers (their one source), and analytics stopped when
+their client hangs up."""
+
+from urllib.parse import unquote_to_bytes
 
 import anyio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-# The docs pages (main.add_docs) load their scripts, styles and favicon from this origin only.
+from problems import problem_response
+
+# The docs pages (openapi.add_docs) load their scripts, styles and favicon from this origin only.
 # Their inline scripts (Swagger UI's start-up, the OAuth2 redirect page) are allowed by hash, so
 # nothing else inline runs; styles stay 'unsafe-inline' (both UIs set style attributes and
 # ReDoc injects <style> elements); ReDoc's search runs in a blob: worker.
@@ -37,7 +42,8 @@ def security_headers(path: str) -> dict[str, str]:
     return {**SECURITY_HEADERS, "Content-Security-Policy": csp}
 
 
-def _encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+def encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
+    """Headers as ASGI and HTTP/1.1 carry them: lower-case names, bytes."""
     return [(name.lower().encode(), value.encode()) for name, value in headers.items()]
 
 
@@ -48,8 +54,8 @@ class SecurityHeaders:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.docs_headers = _encoded(security_headers(next(iter(DOCS_PATHS))))
-        self.api_headers = _encoded(security_headers(""))
+        self.docs_headers = encoded(security_headers(next(iter(DOCS_PATHS))))
+        self.api_headers = encoded(security_headers(""))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -131,3 +137,28 @@ class CancelOnDisconnect:
             tasks.start_soon(watch)
             await self.app(scope, receive_once, send)
             tasks.cancel_scope.cancel()
+
+
+def _decodes(raw: bytes) -> bool:
+    try:
+        unquote_to_bytes(raw).decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class RejectUndecodableUrls:
+    """400 for a path or query string that is not UTF-8 once percent-decoded (lone surrogates,
+    stray bytes), where the server would otherwise turn it into U+FFFD and carry on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not (
+            _decodes(scope.get("raw_path") or b"") and _decodes(scope["query_string"])
+        ):
+            response = problem_response(400, "The URL is not valid UTF-8 once percent-decoded.")
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)

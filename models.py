@@ -1,5 +1,6 @@
 """Every SQLModel class: tables, their request/response schemas, and the problem (error) body."""
 
+import datetime as dt
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -44,8 +45,6 @@ SQLModel.metadata.naming_convention = {
 # Largest values of PostgreSQL's `integer` and `bigint`: larger input is rejected before any query.
 INT32_MAX = 2_147_483_647
 INT64_MAX = 9_223_372_036_854_775_807
-# `date` is also a field name of the metrics models; this alias keeps the type reachable there.
-date_type = date
 
 # Letters with single inner spaces or hyphens ("guinea pig", "bearded-dragon"), any case,
 # surrounding spaces allowed: the value is trimmed and lower-cased after validation.
@@ -139,6 +138,12 @@ class PetPublic(PetBase):
     created_at: datetime
 
 
+def table_of(model: type[SQLModel]) -> Table:
+    """The Core table of a table model (SQLModel leaves `__table__` untyped)."""
+    table: Table = model.__table__  # type: ignore[attr-defined]
+    return table
+
+
 # A pet with its version, as crud reads it; routes send the version as the ETag, not in the body.
 class PetRecord(PetPublic):
     version: int = Field(exclude=True)
@@ -157,8 +162,8 @@ PetSort = Literal[
 ]
 
 
-# Query parameters of GET /pets (an unknown one is refused by main.check_query_parameters, the
-# one check every route's query string passes).
+# Query parameters of GET /pets (an unknown one is refused by
+# request_checks.check_query_parameters, the one check every route's query string passes).
 class PetQuery(SQLModel):
     limit: int = Field(default=20, ge=1, le=100)
     offset: int = Field(default=0, ge=0, le=INT32_MAX)
@@ -438,6 +443,8 @@ def compared_fields(fields: Iterable[str]) -> tuple[str, ...]:
 # by primary-key probes (each day, each combination of the ids of the key's first `probe_depth`
 # dimensions), the daily cube, or the monthly cube (first_id and last_id are then month_ids).
 MetricsSource = Literal["facts", "fact_probes", "daily", "monthly"]
+# Where a part of a range is read from, and the probe depth (for fact_probes).
+PartSource = tuple[MetricsSource, int]
 
 
 @dataclass(frozen=True)
@@ -727,22 +734,27 @@ class MetricTotals(MetricComparisons, MetricValues):
 
 # The values of the requested groups; a group not requested is left out of the row.
 class MetricGroups(SQLModel):
-    date: date_type = Field(default=None, description="Day (group_by=date).")
-    week: date_type = Field(default=None, description="Monday of the ISO week (group_by=week).")
-    month: date_type = Field(default=None, description="First day of the month (group_by=month).")
-    quarter: date_type = Field(
+    # `date` is a field name here, so the type is spelled dt.date.
+    date: dt.date | None = Field(default=None, description="Day (group_by=date).")
+    week: dt.date | None = Field(
+        default=None, description="Monday of the ISO week (group_by=week)."
+    )
+    month: dt.date | None = Field(
+        default=None, description="First day of the month (group_by=month)."
+    )
+    quarter: dt.date | None = Field(
         default=None, description="First day of the quarter (group_by=quarter)."
     )
-    year: date_type = Field(default=None, description="1 January of the year (group_by=year).")
-    day_of_week: int = Field(
+    year: dt.date | None = Field(default=None, description="1 January of the year (group_by=year).")
+    day_of_week: int | None = Field(
         default=None, ge=1, le=7, description="ISO day of the week, 1 Monday to 7 Sunday."
     )
-    region: str = Field(default=None)
-    age_group: str = Field(default=None)
-    gender: str = Field(default=None)
-    platform: str = Field(default=None)
-    placement: str = Field(default=None)
-    device_type: str = Field(default=None)
+    region: str | None = Field(default=None)
+    age_group: str | None = Field(default=None)
+    gender: str | None = Field(default=None)
+    platform: str | None = Field(default=None)
+    placement: str | None = Field(default=None)
+    device_type: str | None = Field(default=None)
 
 
 # One result row: its groups, then its metrics (pydantic orders fields from the last base).

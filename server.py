@@ -3,7 +3,6 @@
 import argparse
 import asyncio
 from collections.abc import Sequence
-from http import HTTPStatus
 from typing import Any
 
 import uvicorn
@@ -11,22 +10,15 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.config import Config
 from uvicorn.protocols.http.flow_control import service_unavailable
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
-from errors import RETRY_AFTER_SECONDS
-from middleware import security_headers
-from models import Problem
+from middleware import encoded, security_headers
+from problems import problem_bytes, send_problem
 from settings import Settings, get_settings, load_settings
 
-PROBLEM_MEDIA_TYPE = b"application/problem+json"
-
-
-def problem_body(status: int, detail: str) -> bytes:
-    """A problem body as main.problem_response writes it; built here from the same model, since
-    main imports this module (for the body limit) and the protocol answers without the app."""
-    problem = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail)
-    return problem.model_dump_json(exclude_none=True).encode()
+# The security headers, for the answers sent from outside the app (and so its middleware).
+OUTSIDE_HEADERS = encoded(security_headers(""))
 
 
 # --- the body limit, in the app ----------------------------------------------------------------
@@ -38,15 +30,8 @@ def _declared_length(scope: Scope) -> int | None:
 
 
 async def _send_too_large(send: Send, limit: int) -> None:
-    body = problem_body(413, f"The request body is larger than {limit} bytes.")
-    headers = [
-        (b"content-type", PROBLEM_MEDIA_TYPE),
-        (b"content-length", str(len(body)).encode()),
-        # The rest of the body is never read, so the connection cannot carry another request.
-        (b"connection", b"close"),
-    ]
-    await send({"type": "http.response.start", "status": 413, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    # The rest of the body is never read, so the connection cannot carry another request.
+    await send_problem(send, 413, f"The request body is larger than {limit} bytes.")
 
 
 class LimitRequestBody:
@@ -99,17 +84,10 @@ class LimitRequestBody:
 
 
 async def busy_problem(_scope: Scope, _receive: Receive, send: Send) -> None:
-    """503 problem for a request past HTTP_MAX_CONCURRENCY (uvicorn's own is plain text)."""
-    body = problem_body(503, "The server is at its connection limit; retry shortly.")
-    headers = [
-        (b"content-type", PROBLEM_MEDIA_TYPE),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", str(RETRY_AFTER_SECONDS).encode()),
-        (b"connection", b"close"),  # at the limit, a connection given back is worth most
-        *((name.encode(), value.encode()) for name, value in security_headers("").items()),
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+    """503 problem for a request past HTTP_MAX_CONCURRENCY (uvicorn's own is plain text); its
+    connection is closed: at the limit, a connection given back is worth most."""
+    detail = "The server is at its connection limit; retry shortly."
+    await send_problem(send, 503, detail, OUTSIDE_HEADERS)
 
 
 # --- header size and slow clients, in the server -----------------------------------------------
@@ -120,6 +98,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     line and headers must arrive within HTTP_HEADER_TIMEOUT_SECONDS of connecting or of its first
     byte, and within HTTP_MAX_HEADER_BYTES (431); its body within HTTP_BODY_TIMEOUT_SECONDS of the
     headers (408). Idle time between requests stays uvicorn's keep-alive timeout."""
+
+    # What this relies on in uvicorn beyond its options, all checked against the pinned version
+    # by tests/test_server.py::test_uvicorn_still_calls_what_the_bounded_protocol_overrides (and,
+    # in effect, by the 408, 431 and 503 tests there): the methods overridden here, among them
+    # the private `_start_asgi_task` (where the app past limit_concurrency is swapped for a
+    # problem) and `flow_control.service_unavailable` (that app); and the protocol's attributes
+    # `transport`, `loop`, `client`, `connections`, `pipeline`, `logger`,
+    # `server_state.default_headers` and `cycle` (`response_started`, `response_complete`,
+    # `disconnected`, `message_event`).
 
     def __init__(
         self,
@@ -319,20 +306,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _problem_response(self, status: int, detail: str) -> bytes:
-        body = problem_body(status, detail)
-        lines = [STATUS_LINE[status]]
-        defaults = self.server_state.default_headers
-        lines += [name + b": " + value + b"\r\n" for name, value in defaults]
-        lines += [f"{name}: {value}\r\n".encode() for name, value in security_headers("").items()]
-        if status == 503:
-            lines.append(f"retry-after: {RETRY_AFTER_SECONDS}\r\n".encode())
-        lines += [
-            b"content-type: " + PROBLEM_MEDIA_TYPE + b"\r\n",
-            b"content-length: " + str(len(body)).encode() + b"\r\n",
-            b"connection: close\r\n\r\n",
-            body,
-        ]
-        return b"".join(lines)
+        defaults = list(self.server_state.default_headers)  # Date and Server, as uvicorn sends
+        return problem_bytes(status, detail, [*defaults, *OUTSIDE_HEADERS])
 
 
 # --- running it --------------------------------------------------------------------------------

@@ -51,7 +51,11 @@ class PatientRetry(Retry):
     """Retry Redis commands with capped backoff for as long as Redis is away, logging it.
 
     arq gives up on a lost Redis connection and the process exits; with this, a command waits
-    for Redis to return and the worker carries on where it was."""
+    for Redis to return and the worker carries on where it was. It reads one private name of
+    redis-py's Retry, `_supported_errors` (the errors worth retrying, which redis-py's
+    connections extend through `update_supported_errors`);
+    tests/test_worker.py::test_patient_retry_waits_out_the_errors_redis_py_retries fails if the
+    pinned redis-py stops keeping it."""
 
     __slots__ = ()
 

@@ -31,11 +31,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("ENVIRONMENT", "development")
 
-import crud  # noqa: E402
 import metrics  # noqa: E402
 from alembic import command  # noqa: E402
 from alembic.config import Config  # noqa: E402
 from bench import workload  # noqa: E402
+from metrics_sql import metrics_statement  # noqa: E402
 from models import MetricsPart, MetricsPlan, dimension_mask  # noqa: E402
 
 SERVER = os.environ.get("BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -167,7 +167,7 @@ def latency_ms(call: Callable[[], object], times: int) -> float:
 
 
 def metrics_sql(plan: MetricsPlan) -> str:
-    statement, values = crud.metrics_statement(plan)  # the service's own SQL, verbatim
+    statement, values = metrics_statement(plan)  # the service's own SQL, verbatim
     statement = statement.params(values)
     return str(
         statement.compile(
@@ -195,7 +195,7 @@ SERVER_SETTINGS = {"jit": "off"}
 
 def metrics_query(plan: MetricsPlan) -> tuple[str, list[object]]:
     """The service's statement for `plan` as asyncpg runs it: SQL with $n and its values."""
-    statement, values = crud.metrics_statement(plan)
+    statement, values = metrics_statement(plan)
     compiled = statement.compile(dialect=asyncpg_dialect.dialect())  # type: ignore[no-untyped-call]
     expanded = compiled.construct_expanded_state(values)
     return expanded.statement, list(expanded.positional_parameters)

@@ -15,6 +15,7 @@ from sqlalchemy.engine import make_url
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 from alembic import command
+from deps import state_of
 from main import create_app
 from settings import Settings
 from tests.helpers import (
@@ -137,9 +138,9 @@ async def app(settings: Settings) -> AsyncIterator[FastAPI]:
 
 async def forget_failed_logins(app: FastAPI) -> None:
     """Each test starts with no login attempts counted against it (they would lead to 429s)."""
-    keys = [key async for key in app.state.redis.scan_iter(match="pets:login-attempts:*")]
+    keys = [key async for key in state_of(app).redis.scan_iter(match="pets:login-attempts:*")]
     if keys:
-        await app.state.redis.delete(*keys)
+        await state_of(app).redis.delete(*keys)
 
 
 @pytest.fixture
@@ -151,7 +152,7 @@ async def client(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 @pytest.fixture
 async def session(app: FastAPI) -> AsyncIterator[AsyncSession]:
-    async with app.state.sessionmaker() as db_session:
+    async with state_of(app).sessionmaker() as db_session:
         yield db_session
 
 

@@ -18,12 +18,14 @@ from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 from jwt.warnings import InsecureKeyLengthWarning
 from pydantic import ValidationError
+from sqlalchemy.pool import QueuePool
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 import auth
 import crud
-import main
-from main import PlaceholderAdminPassword, create_app, provision_admin
+from auth import PlaceholderAdminPassword, provision_admin
+from deps import state_of
+from main import create_app
 from models import PASSWORD_MIN_LENGTH
 from settings import PLACEHOLDER_ADMIN_PASSWORD, PLACEHOLDER_JWT_SECRET, Settings
 from tests.helpers import (
@@ -133,17 +135,17 @@ def login_settings(app: FastAPI) -> Iterator[Callable[..., None]]:
     """Run this test's logins with some settings changed (and `slots` concurrent verifications).
     By default a login waits up to 30 s for a verification slot, so that a loaded machine cannot
     turn an expected 401 into a 503."""
-    guard: auth.LoginGuard = app.state.login_guard
+    guard: auth.LoginGuard = state_of(app).login_guard
 
     def use(slots: int | None = None, **overrides: object) -> None:
         settings = guard.settings.model_copy(update={"LOGIN_HASH_WAIT_SECONDS": 30, **overrides})
         slots_now = guard.verification_slots
         turns = Turns(slots or slots_now.size, settings.LOGIN_HASH_WAIT_SECONDS, slots_now.busy)
-        app.state.login_guard = replace(guard, settings=settings, verification_slots=turns)
+        state_of(app).login_guard = replace(guard, settings=settings, verification_slots=turns)
 
     use()
     yield use
-    app.state.login_guard = guard
+    state_of(app).login_guard = guard
 
 
 @pytest.fixture
@@ -166,7 +168,7 @@ def statuses(responses: list[httpx.Response]) -> Counter[int]:
 
 async def counters(app: FastAPI, username: str, client: str) -> list[int]:
     """The throttle's counts: this username from this client, this client, this username."""
-    values = await app.state.redis.mget(auth.login_counter_keys(username, client))
+    values = await state_of(app).redis.mget(auth.login_counter_keys(username, client))
     return [int(value or 0) for value in values]
 
 
@@ -305,7 +307,8 @@ async def test_a_login_the_database_fails_costs_no_attempt(
 async def test_a_login_holds_no_pooled_connection_while_verifying(
     app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pool = app.state.engine.sync_engine.pool
+    pool = state_of(app).engine.sync_engine.pool
+    assert isinstance(pool, QueuePool)
     in_use: list[int] = []
     real_verify = auth.password_hasher.verify
 
@@ -396,8 +399,8 @@ async def test_other_authorization_schemes_are_401(client: httpx.AsyncClient, he
 
 async def test_admin_is_provisioned_but_never_overwritten(settings: Settings, app: FastAPI) -> None:
     changed = make_settings(settings.DATABASE_URL, ADMIN_PASSWORD="a-different-password")
-    await provision_admin(changed, app.state.sessionmaker)
-    guard = app.state.login_guard
+    await provision_admin(changed, state_of(app).sessionmaker)
+    guard = state_of(app).login_guard
     assert await auth.authenticate(guard, ADMIN_USERNAME, ADMIN_PASSWORD) is not None
     assert await auth.authenticate(guard, ADMIN_USERNAME, "a-different-password") is None
 
@@ -554,9 +557,9 @@ async def test_provisioning_after_an_outage_stops_the_api_for_a_placeholder_admi
     """When the database was down at start-up, the background retry finds the account later,
     while the API is serving: it stops the process (SIGTERM to itself, stubbed here)."""
     stopped: list[bool] = []
-    monkeypatch.setattr(main, "stop_this_process", lambda: stopped.append(True))
+    monkeypatch.setattr(auth, "stop_this_process", lambda: stopped.append(True))
     async with asyncio.timeout(10):
-        await main.keep_provisioning_admin(placeholder_admin, app.state.sessionmaker)
+        await auth.keep_provisioning_admin(placeholder_admin, state_of(app).sessionmaker)
     assert stopped == [True]
     assert "refusing to serve, stopping: the admin account 'legacy-admin'" in caplog.text
 

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from sqlalchemy import event
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from deps import state_of
 from tests.helpers import sql
 
 pytestmark = pytest.mark.usefixtures("empty_pet_table")
@@ -44,7 +45,7 @@ async def test_a_patch_is_one_update_of_only_its_fields(
         await client.post("/pets", json={"name": "Rex", "pet_type": "dog"}, headers=auth_headers)
     ).json()
     statements: list[str] = []
-    engine = app.state.sessionmaker.kw["bind"].sync_engine
+    engine = state_of(app).sessionmaker.kw["bind"].sync_engine
 
     def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
         statements.append(" ".join(statement.split()))

@@ -17,6 +17,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 import crud
 import metrics
+from deps import state_of
 from main import utc_today
 from models import (
     CUBE_MAX_DIMENSIONS,
@@ -84,7 +85,7 @@ RANGES = [
 async def season(settings: Settings, session: AsyncSession, app: FastAPI) -> Any:
     """The demo set of SEASON, seeded only when the tables hold something else."""
     await seed_unless_seeded(settings, session, SEASON, LAST_SEEDED)
-    app.state.dimension_names = metrics.NameCache()
+    state_of(app).dimension_names = metrics.NameCache()
     app.dependency_overrides[utc_today] = lambda: END
     yield
     app.dependency_overrides.pop(utc_today)
@@ -100,7 +101,7 @@ async def changed_season(settings: Settings, session: AsyncSession, app: FastAPI
         assert result.returncode == 0, result.stderr
     await session.commit()
     LAST_SEEDED.clear()  # the season is changed
-    app.state.dimension_names = metrics.NameCache()
+    state_of(app).dimension_names = metrics.NameCache()
     app.dependency_overrides[utc_today] = lambda: END
     yield
     app.dependency_overrides.pop(utc_today)

@@ -7,7 +7,7 @@ import pytest
 from asgi_lifespan import LifespanManager
 from fastapi import FastAPI
 
-from db import SessionDep
+from deps import SessionDep
 from main import create_app
 from settings import Settings
 from tests.helpers import PROBLEM, assert_problem, client_for, make_settings, sql
@@ -22,6 +22,27 @@ async def test_wrong_method_is_a_405_problem_with_allow(client: httpx.AsyncClien
     response = await client.put("/pets")
     assert_problem(response, 405)
     assert response.headers["allow"] == "GET, HEAD, POST"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "allow"),
+    [
+        ("POST", "/docs", "GET, HEAD"),
+        ("DELETE", "/docs/oauth2-redirect", "GET, HEAD"),
+        ("PUT", "/redoc", "GET, HEAD"),
+        ("POST", "/openapi.json", "GET, HEAD"),
+        ("POST", "/docs/assets/swagger-ui.css", "GET, HEAD"),
+        ("POST", "/pets/1", "DELETE, GET, HEAD, PATCH, PUT"),
+        ("GET", "/auth/token", "POST"),
+    ],
+)
+async def test_every_405_lists_the_methods_its_path_answers(
+    client: httpx.AsyncClient, method: str, path: str, allow: str
+) -> None:
+    """RFC 9110 15.5.6: the docs pages, the document and the static files too."""
+    response = await client.request(method, path)
+    assert_problem(response, 405)
+    assert response.headers["allow"] == allow
 
 
 @pytest.fixture
@@ -65,7 +86,7 @@ async def test_ready_names_redis_alone_when_only_redis_is_down(database_url: str
 
 
 # Real PostgreSQL faults, raised through a route added to a fresh app: the one mapping point
-# in main.py must turn each into its status.
+# in problems.py must turn each into its status.
 FAULTS = {
     "unique": "INSERT INTO \"user\" (username, password_hash) VALUES ('admin', 'x')",
     "data": "SELECT 1 / 0",

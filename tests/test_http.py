@@ -15,8 +15,10 @@ from typing import Any
 import httpx
 import pytest
 from fastapi import FastAPI
+from sqlalchemy.pool import QueuePool
 from sqlmodel.ext.asyncio.session import AsyncSession
 
+from deps import state_of
 from settings import HEARTBEAT_KEY
 from tests.helpers import assert_problem, client_for, create, make_settings, pet_count
 from turns import Turns
@@ -349,7 +351,7 @@ async def test_a_body_that_is_not_utf8_is_400_saying_so(
 async def test_ready_reports_an_unreadable_heartbeat_instead_of_failing(
     app: FastAPI, client: httpx.AsyncClient, recorded: bytes
 ) -> None:
-    redis = app.state.redis
+    redis = state_of(app).redis
     saved = await redis.get(HEARTBEAT_KEY)
     await redis.set(HEARTBEAT_KEY, recorded)
     try:
@@ -390,7 +392,7 @@ async def governed_app(database_url: str) -> Any:
 async def test_analytics_beyond_the_limit_wait_briefly_then_get_503_with_retry_after(
     governed_app: FastAPI,
 ) -> None:
-    turns: Turns = governed_app.state.metrics_turns
+    turns: Turns = state_of(governed_app).metrics_turns
     async with client_for(governed_app) as client:
         assert (await client.get("/metrics")).status_code == 200
         async with AsyncExitStack() as taken:
@@ -410,7 +412,7 @@ async def test_analytics_beyond_the_limit_wait_briefly_then_get_503_with_retry_a
 async def test_pet_listings_beyond_the_limit_get_503_while_reads_by_id_go_on(
     governed_app: FastAPI,
 ) -> None:
-    turns: Turns = governed_app.state.listing_turns
+    turns: Turns = state_of(governed_app).listing_turns
     async with client_for(governed_app) as client:
         async with AsyncExitStack() as taken:
             for _ in range(turns.size):
@@ -425,9 +427,10 @@ async def test_pet_listings_beyond_the_limit_get_503_while_reads_by_id_go_on(
 async def test_analytics_run_on_a_pool_of_their_own_with_their_own_statement_timeout(
     governed_app: FastAPI,
 ) -> None:
-    engine = governed_app.state.metrics_engine
+    engine = state_of(governed_app).analytics_engine
+    assert isinstance(engine.pool, QueuePool)
     assert engine.pool.size() == 2
-    assert engine.pool is not governed_app.state.read_engine.pool
+    assert engine.pool is not state_of(governed_app).read_engine.pool
     async with engine.connect() as connection:
         timeout = (await connection.exec_driver_sql("SHOW statement_timeout")).scalar_one()
     assert timeout == "4321ms"

@@ -15,6 +15,7 @@ from sqlmodel.ext.asyncio.session import AsyncSession
 
 import crud
 import metrics
+from deps import state_of
 from main import utc_today
 from models import (
     DIMENSIONS,
@@ -120,7 +121,7 @@ async def star(app: FastAPI, session: AsyncSession) -> AsyncIterator[None]:
         )
     await metrics.refresh_cubes(session, days)  # as the loaders do
     await session.commit()
-    app.state.dimension_names = metrics.NameCache()
+    state_of(app).dimension_names = metrics.NameCache()
     app.dependency_overrides[utc_today] = lambda: TODAY
     yield
     app.dependency_overrides.pop(utc_today)

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 import metrics
+from deps import state_of
 from main import utc_today
 from models import METRICS, TIME_GROUPS, MetricsComparison, MetricsQuery
 from settings import Settings
@@ -41,7 +42,7 @@ LAST_SEEDED: dict[str, Any] = {}
 async def history(settings: Settings, session: AsyncSession, app: FastAPI) -> Any:
     """The demo set of HISTORY, seeded only when the tables hold something else."""
     await seed_unless_seeded(settings, session, HISTORY, LAST_SEEDED)
-    app.state.dimension_names = metrics.NameCache()
+    state_of(app).dimension_names = metrics.NameCache()
     app.dependency_overrides[utc_today] = lambda: END
     yield
     app.dependency_overrides.pop(utc_today)

@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 import metrics
+from deps import state_of
 from main import utc_today
 from metrics_data import COMBINATIONS, DEMO_VALUES
 from settings import Settings
@@ -29,7 +30,7 @@ SEED_ARGS = ("seed-metrics", "--days", "20", "--rows-per-day", "300", "--end-dat
 @pytest.fixture
 async def empty_metrics(session: AsyncSession, app: FastAPI) -> AsyncIterator[None]:
     await clear_metrics(session)
-    app.state.dimension_names = metrics.NameCache()
+    state_of(app).dimension_names = metrics.NameCache()
     app.dependency_overrides[utc_today] = lambda: END
     yield
     app.dependency_overrides.pop(utc_today)
@@ -46,7 +47,7 @@ async def seeded(settings: Settings, session: AsyncSession, app: FastAPI) -> Non
         await clear_metrics(session)
         cli_ok(settings, *SEED_ARGS)
         LAST_SEEDED.update(await checksum(session))
-    app.state.dimension_names = metrics.NameCache()
+    state_of(app).dimension_names = metrics.NameCache()
 
 
 def cli_ok(settings: Settings, *args: str) -> str:

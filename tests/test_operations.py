@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 from fastapi import FastAPI
 
+from deps import state_of
 from settings import HEARTBEAT_KEY
 
 
@@ -17,7 +18,7 @@ async def test_health_answers_ok(client: httpx.AsyncClient) -> None:
 async def test_ready_when_database_and_redis_answer(
     app: FastAPI, client: httpx.AsyncClient
 ) -> None:
-    await app.state.redis.delete(HEARTBEAT_KEY)
+    await state_of(app).redis.delete(HEARTBEAT_KEY)
     response = await client.get("/ready")
     assert response.status_code == 200
     assert response.json() == {
@@ -34,10 +35,10 @@ async def test_ready_shows_the_age_of_the_worker_heartbeat(
     app: FastAPI, client: httpx.AsyncClient
 ) -> None:
     ran_at = (datetime.now(UTC) - timedelta(hours=2)).replace(microsecond=0)
-    await app.state.redis.set(HEARTBEAT_KEY, ran_at.isoformat())
+    await state_of(app).redis.set(HEARTBEAT_KEY, ran_at.isoformat())
     try:
         body = (await client.get("/ready")).json()
     finally:
-        await app.state.redis.delete(HEARTBEAT_KEY)
+        await state_of(app).redis.delete(HEARTBEAT_KEY)
     assert datetime.fromisoformat(body["worker_heartbeat_at"].replace("Z", "+00:00")) == ran_at
     assert 7200 <= body["worker_heartbeat_age_seconds"] < 7260

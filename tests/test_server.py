@@ -12,6 +12,7 @@ import httpx
 import pytest
 from starlette.types import Receive, Scope, Send
 from uvicorn.config import Config
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from alembic import command
@@ -483,6 +484,38 @@ def connection() -> tuple[BoundedHttpToolsProtocol, ServerState]:
     protocol = BoundedHttpToolsProtocol(config, state, {})
     protocol.connection_made(RecordingTransport())
     return protocol, state
+
+
+# uvicorn's own methods the protocol overrides: each must still be uvicorn's, or the override
+# is never called (test_half_sent_headers_get_408... and the 503 tests show the effect).
+OVERRIDDEN = {
+    "connection_made", "connection_lost", "data_received", "handle_websocket_upgrade",
+    "send_400_response", "on_message_begin", "on_header", "on_headers_complete", "on_body",
+    "on_message_complete", "_start_asgi_task",
+}  # fmt: skip
+
+
+async def test_uvicorn_still_calls_what_the_bounded_protocol_overrides() -> None:
+    assert {
+        name
+        for name, value in vars(BoundedHttpToolsProtocol).items()
+        if callable(value) and hasattr(HttpToolsProtocol, name) and name != "__init__"
+    } == OVERRIDDEN
+    assert set(vars(HttpToolsProtocol)) >= OVERRIDDEN, OVERRIDDEN - set(vars(HttpToolsProtocol))
+    # Past limit_concurrency uvicorn hands _start_asgi_task its plain-text app; the 503 sent is
+    # the problem that replaces it.
+    state = ServerState()
+    config = Config(app=read_body, log_config=None, lifespan="off", limit_concurrency=1)
+    protocol = BoundedHttpToolsProtocol(config, state, {})
+    transport = RecordingTransport()
+    protocol.connection_made(transport)
+    protocol.data_received(b"GET /pets HTTP/1.1\r\nHost: test\r\n\r\n")
+    await asyncio.gather(*state.tasks)
+    head, _, body = transport.written.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ")
+    assert b"content-type: application/problem+json" in head.lower()
+    assert json.loads(body)["detail"] == "The server is at its connection limit; retry shortly."
+    protocol.connection_lost(None)
 
 
 async def test_a_lost_connection_leaves_no_deadline_behind() -> None:

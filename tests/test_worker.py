@@ -16,14 +16,19 @@ from pathlib import Path
 import asyncpg
 import httpx
 import pytest
+from arq.connections import create_pool
 from arq.cron import CronJob
+from arq.jobs import Job, JobStatus
 from arq.worker import Worker, create_worker
 from fastapi import FastAPI
+from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlmodel.ext.asyncio.session import AsyncSession
 
 import cli
 import worker
 from alembic import command
+from backoff import Backoff
+from deps import state_of
 from settings import HEARTBEAT_KEY, Settings
 from tests.helpers import ROOT, alembic_config_for, flush_redis, redis_url, run_cli, sql
 from tests.servers import PrivatePostgres, PrivateRedis, WorkerProcess, wait_until
@@ -65,7 +70,7 @@ No pets in the directory yet.
 
 async def render(app: FastAPI) -> str:
     out = io.StringIO()
-    await worker.write_report(app.state.engine, worker.load_report_template(), out, NOW)
+    await worker.write_report(state_of(app).engine, worker.load_report_template(), out, NOW)
     return out.getvalue()
 
 
@@ -99,16 +104,16 @@ async def test_heartbeat_logs_its_time_and_records_it_for_ready(
     app: FastAPI, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="pets.worker"):
-        ran_at = await worker.heartbeat({"redis": app.state.redis})
+        ran_at = await worker.heartbeat({"redis": state_of(app).redis})
     stamp = datetime.fromisoformat(ran_at)
     assert stamp.tzinfo is not None
     assert stamp.utcoffset() == timedelta(0)
     assert abs(datetime.now(UTC) - stamp) < timedelta(seconds=5)
     assert [record.getMessage() for record in caplog.records] == [f"heartbeat ran at {ran_at}"]
-    assert (await app.state.redis.get(HEARTBEAT_KEY)).decode() == ran_at
+    assert (await state_of(app).redis.get(HEARTBEAT_KEY)).decode() == ran_at
     ready = (await client.get("/ready")).json()
     assert ready["worker_heartbeat_age_seconds"] in (0, 1, 2)
-    await app.state.redis.delete(HEARTBEAT_KEY)
+    await state_of(app).redis.delete(HEARTBEAT_KEY)
 
 
 async def test_worker_settings_build_a_worker_with_both_schedules(settings: Settings) -> None:
@@ -140,6 +145,64 @@ async def test_start_up_report_uses_the_id_arq_gives_that_minute_tick(settings: 
     assert report.next_run == moment.replace(second=0, microsecond=0)
     tick_ms = int(report.next_run.timestamp() * 1000)
     assert worker.report_tick_job_id(moment) == f"cron:pet_report:{tick_ms}"
+
+
+@pytest.mark.usefixtures("fresh_redis")
+async def test_arq_enqueues_a_minute_tick_under_the_id_the_start_up_report_takes(
+    settings: Settings,
+) -> None:
+    """worker.report_tick_job_id rebuilds the id arq's cron gives a tick: a real arq Worker's
+    own cron pass enqueues the report of a past minute under exactly that id, so a change in
+    the pinned arq fails here."""
+    tick = datetime.now(UTC).replace(second=0, microsecond=0) - timedelta(minutes=5)
+    jobs = [
+        dataclasses.replace(job, next_run=tick if job.name == "cron:pet_report" else None)
+        for job in cron_jobs(settings)
+    ]
+    pool = await create_pool(worker.redis_settings(settings))
+    arq_worker = create_worker(
+        worker.worker_settings(settings),
+        burst=True,
+        handle_signals=False,
+        cron_jobs=jobs,
+        redis_pool=pool,
+        ctx={"settings": settings},
+    )
+    try:
+        await arq_worker.run_cron(datetime.now(UTC), delay=0.5)
+        job = Job(worker.report_tick_job_id(tick + timedelta(seconds=42)), pool)
+        assert await job.status() == JobStatus.queued
+    finally:
+        await arq_worker.close()
+
+
+async def test_patient_retry_waits_out_the_errors_redis_py_retries(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connection error, and one redis-py's connections add to the retried errors, are waited
+    out; another error is raised at once."""
+    monkeypatch.setattr(worker, "REDIS_BACKOFF", Backoff(first=0.01, cap=0.01))
+    retry = worker.PatientRetry()
+    retry.update_supported_errors([KeyError])
+    failures = [RedisConnectionError("down"), KeyError("added by a connection")]
+    seen: list[Exception] = []
+
+    async def command() -> str:
+        if failures:
+            raise failures.pop(0)
+        return "PONG"
+
+    async def on_failure(error: Exception) -> None:
+        seen.append(error)
+
+    assert await retry.call_with_retry(command, on_failure) == "PONG"
+    assert [type(error) for error in seen] == [RedisConnectionError, KeyError]
+
+    async def broken() -> str:
+        raise ValueError("not a connection problem")
+
+    with pytest.raises(ValueError, match="not a connection problem"):
+        await retry.call_with_retry(broken, on_failure)
 
 
 def cron_jobs(settings: Settings) -> list[CronJob]:
@@ -206,8 +269,8 @@ async def test_burst_worker_runs_the_report_and_the_heartbeat(
     printed = capsys.readouterr().out
     assert len(REPORT_HEADER.findall(printed)) == 1
     assert printed.endswith(GOLDEN_REPORT.split("\n", 1)[1])
-    assert await app.state.redis.get(HEARTBEAT_KEY)
-    await app.state.redis.delete(HEARTBEAT_KEY)
+    assert await state_of(app).redis.get(HEARTBEAT_KEY)
+    await state_of(app).redis.delete(HEARTBEAT_KEY)
 
 
 def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
