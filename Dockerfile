@@ -14,7 +14,8 @@ RUN groupadd --system --gid 10001 app \
     && useradd --system --uid 10001 --gid app --no-create-home --home-dir /app --shell /usr/sbin/nologin app
 COPY --from=build /opt/venv /opt/venv
 WORKDIR /app
-COPY main.py deps.py problems.py openapi.py request_checks.py server.py middleware.py turns.py backoff.py \
+COPY main.py deps.py problems.py openapi.py request_checks.py observability.py logs.py server.py \
+     middleware.py turns.py backoff.py \
      models.py name_rule.py crud.py metrics.py metrics_sql.py cube.py db.py auth.py errors.py \
      settings.py worker.py cli.py metrics_data.py alembic.ini ./
 COPY alembic ./alembic

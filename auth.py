@@ -113,6 +113,7 @@ def create_login_guard(settings: Settings, redis: Redis, read_engine: AsyncEngin
             settings.LOGIN_MAX_CONCURRENT_HASHES,
             settings.LOGIN_HASH_WAIT_SECONDS,
             "Too many logins at once; try again shortly.",
+            "password_checks_busy",
         ),
         read_engine=read_engine,
     )
@@ -138,7 +139,9 @@ async def reserve_login_attempt(guard: LoginGuard, keys: list[str]) -> None:
     )
     wait = int(await guard.reserve(keys, [*limits, settings.LOGIN_FAILURE_WINDOW_SECONDS]))
     if wait > 0:
-        raise TooManyRequests("Too many failed logins; try again later.", retry_after=wait)
+        raise TooManyRequests(
+            "Too many failed logins; try again later.", retry_after=wait, reason="login_throttled"
+        )
 
 
 async def release_login_attempt(guard: LoginGuard, keys: list[str], *, succeeded: bool) -> None:

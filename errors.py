@@ -26,15 +26,19 @@ def summarise(items: Sequence[ErrorItem]) -> str:
 
 
 class ServiceError(Exception):
-    """An error with a meaning for the client; `main` renders it as a problem response."""
+    """An error with a meaning for the client; problems.py renders it as a problem response. A
+    refusal made on purpose (a limit reached) names its `reason`, which operators count."""
 
     status: ClassVar[int] = 500
 
-    def __init__(self, detail: str, headers: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, detail: str, headers: Mapping[str, str] | None = None, reason: str | None = None
+    ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.headers = dict(headers or {})
         self.items: list[ErrorItem] = []
+        self.reason = reason
 
 
 class BadRequest(ServiceError):
@@ -86,15 +90,15 @@ class UnsupportedMediaType(ServiceError):
 class TooManyRequests(ServiceError):
     status = 429
 
-    def __init__(self, detail: str, retry_after: int) -> None:
-        super().__init__(detail, {"Retry-After": str(max(retry_after, 1))})
+    def __init__(self, detail: str, retry_after: int, reason: str) -> None:
+        super().__init__(detail, {"Retry-After": str(max(retry_after, 1))}, reason)
 
 
 class Unavailable(ServiceError):
     status = 503
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail, {"Retry-After": str(RETRY_AFTER_SECONDS)})
+    def __init__(self, detail: str, reason: str | None = None) -> None:
+        super().__init__(detail, {"Retry-After": str(RETRY_AFTER_SECONDS)}, reason)
 
 
 # SQLSTATE classes (first two characters) whose faults are the server's, not the request's.

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import crud
 import metrics
+import observability
 from auth import (
     PlaceholderAdminPassword,
     create_login_guard,
@@ -46,9 +47,10 @@ from middleware import (
     DOCS_OAUTH2_REDIRECT_PATH,
     CancelOnDisconnect,
     HeadAsGet,
+    ObserveRequests,
     RejectUndecodableUrls,
     SecurityHeaders,
-    security_headers,
+    outside_headers,
 )
 from models import (
     DIMENSIONS,
@@ -75,6 +77,7 @@ from request_checks import (
     CSV,
     ETAG_HEADER,
     NDJSON,
+    AuthorizationHeader,
     CheckedRoute,
     EtagList,
     IfMatchVersions,
@@ -84,9 +87,10 @@ from request_checks import (
     etag_matches,
     etag_of,
     negotiate,
+    require_prometheus_token,
 )
 from server import LimitRequestBody
-from settings import HEARTBEAT_KEY, Settings, configure_logging, load_settings
+from settings import HEARTBEAT_KEY, Settings, load_settings
 from turns import Turns
 
 log = logging.getLogger("pets.api")
@@ -125,21 +129,44 @@ def open_state(settings: Settings) -> AppState:
             settings.PETS_LIST_MAX_CONCURRENT,
             settings.PETS_LIST_QUEUE_SECONDS,
             "Too many pet listings are running; retry shortly.",
+            "listings_busy",
         ),
         metrics_turns=Turns(
             settings.METRICS_MAX_CONCURRENT,
             settings.METRICS_QUEUE_SECONDS,
             "Too many analytics questions are running; retry shortly, or narrow the question.",
+            "analytics_busy",
         ),
         export_turns=Turns(
             settings.METRICS_MAX_EXPORTS,
             settings.METRICS_QUEUE_SECONDS,
             "Too many exports are running; retry shortly.",
+            "exports_busy",
         ),
         dimension_names=metrics.NameCache(),
         redis=redis,
         login_guard=create_login_guard(settings, redis, read_engine),
     )
+
+
+# Each process samples its pools and turns this often, for the gauges a scrape sums.
+GAUGE_SECONDS = 2.0
+
+
+async def keep_recording(state: AppState) -> None:
+    while True:
+        observability.record_pools(
+            {"main": state.engine, "analytics": state.analytics_stream_engine}
+        )
+        observability.record_turns(
+            {
+                "analytics": state.metrics_turns.in_use,
+                "exports": state.export_turns.in_use,
+                "listings": state.listing_turns.in_use,
+                "password_checks": state.login_guard.verification_slots.in_use,
+            }
+        )
+        await asyncio.sleep(GAUGE_SECONDS)
 
 
 async def close_state(state: AppState) -> None:
@@ -151,9 +178,9 @@ async def close_state(state: AppState) -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings or load_settings()
-    configure_logging(settings.LOG_LEVEL)
     state = app.state.app_state = open_state(settings)
     provisioning: asyncio.Task[None] | None = None
+    recording = asyncio.create_task(keep_recording(state))
     try:
         # Warm the timing-equaliser hash now rather than on the first unknown-user login.
         await asyncio.to_thread(dummy_hash)
@@ -169,14 +196,31 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             )
         yield
     finally:
-        if provisioning is not None:
-            provisioning.cancel()
-            with suppress(asyncio.CancelledError):
-                await provisioning
+        for task in (provisioning, recording):
+            if task is not None:
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
         await close_state(state)
 
 
 # --- routes ------------------------------------------------------------------------------------
+
+# Routes for operators, outside the OpenAPI document and the API's Accept and query checks
+# (Prometheus sends its own Accept).
+internal = APIRouter(include_in_schema=False)
+
+
+@internal.get("/internal/metrics")
+async def prometheus_metrics(
+    settings: SettingsDep, authorization: AuthorizationHeader = None
+) -> Response:
+    """Prometheus's scrape: every metric of every API process. 404 without PROMETHEUS_TOKEN,
+    as if the path did not exist; 401 without that bearer token."""
+    require_prometheus_token(settings, authorization)
+    body = observability.exposition()
+    return Response(body, media_type=observability.EXPOSITION_MEDIA_TYPE)
+
 
 router = APIRouter(
     dependencies=[Depends(check_query_parameters), Depends(negotiate)],
@@ -499,13 +543,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings  # what the lifespan starts with (None: the environment's)
     app.include_router(router)
+    app.include_router(internal)
     add_docs(app)
     app.add_middleware(RejectUndecodableUrls)
     app.add_middleware(LimitRequestBody, settings=settings)
     app.add_middleware(CancelOnDisconnect, paths=frozenset({"/metrics"}))
     app.add_middleware(HeadAsGet)
     app.add_middleware(SecurityHeaders)
-    add_problem_handlers(app, outside_headers=security_headers)
+    app.add_middleware(ObserveRequests)
+    add_problem_handlers(app, outside_headers=outside_headers)
     app.openapi = lambda: openapi_with_problems(app)  # type: ignore[method-assign]
     return app
 

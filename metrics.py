@@ -65,6 +65,7 @@ from models import (
     dimension_mask,
     float_or_none,
 )
+from observability import METRICS_DURATION, METRICS_QUESTIONS
 
 # An unknown filter value's error lists the known ones when there are at most this many.
 MAX_LISTED_VALUES = 30
@@ -486,10 +487,15 @@ async def plan_question(
 async def answer(
     db: crud.Executor, cache: NameCache, query: MetricsQuery, today: date, max_span_days: int
 ) -> MetricsPage:
-    """The page of groups, the totals and the number of groups a question asks for."""
+    """The page of groups, the totals and the number of groups a question asks for (counted by
+    where each part of it was read from, and timed, for operators)."""
     page = (query.limit, query.offset)
-    plan = await plan_question(db, cache, query, today, max_span_days, page)
-    return await crud.query_metrics(db, plan)
+    with METRICS_DURATION.time():
+        plan = await plan_question(db, cache, query, today, max_span_days, page)
+        answered = await crud.query_metrics(db, plan)
+    for part in plan.parts:
+        METRICS_QUESTIONS.labels(part.source).inc()
+    return answered
 
 
 # --- exports ------------------------------------------------------------------------------------

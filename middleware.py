@@ -1,13 +1,21 @@
-"""ASGI middleware every request passes through: URLs that are not UTF-8 refused, HEAD answered
-as GET without a body, the security headers (their one source), and analytics stopped when
-their client hangs up."""
+"""ASGI middleware every request passes through: its id, metrics and access line; URLs that are
+not UTF-8 refused; HEAD answered as GET without a body; the security headers (their one
+source); and analytics stopped when their client hangs up."""
 
+import time
 from urllib.parse import unquote_to_bytes
 
 import anyio
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from logs import REQUEST_ID, log_access, request_id_from
+from observability import HTTP_DURATION, HTTP_REQUESTS, UNMATCHED
 from problems import problem_response
+
+# The methods counted by name; any other is counted as "other" (a client picks the method, and
+# must not pick the metrics' labels).
+COUNTED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 # The docs pages (openapi.add_docs) load their scripts, styles and favicon from this origin only.
 # Their inline scripts (Swagger UI's start-up, the OAuth2 redirect page) are allowed by hash, so
@@ -40,6 +48,13 @@ def security_headers(path: str) -> dict[str, str]:
     """The headers every response carries (the middleware keeps a route's own Cache-Control)."""
     csp = DOCS_CSP if path in DOCS_PATHS else API_CSP
     return {**SECURITY_HEADERS, "Content-Security-Policy": csp}
+
+
+def outside_headers(path: str) -> dict[str, str]:
+    """What a response sent from outside the middleware (a 500) carries itself: the security
+    headers, and the request's id."""
+    request_id = REQUEST_ID.get()
+    return {**security_headers(path), **({"X-Request-ID": request_id} if request_id else {})}
 
 
 def encoded(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
@@ -91,7 +106,8 @@ class HeadAsGet:
                 message = {**message, "body": b""}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, send_without_body)
+        scope["method"] = "GET"  # in place: ObserveRequests reads the route routing sets on it
+        await self.app(scope, receive, send_without_body)
 
 
 class CancelOnDisconnect:
@@ -162,3 +178,55 @@ class RejectUndecodableUrls:
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
+
+
+class ObserveRequests:
+    """The outermost middleware: gives each request its id (the client's X-Request-ID when it
+    is short and safe, else a new one), sends it back, and once the answer is sent counts the
+    request by route template and exact status, times it, and writes its access line."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        method = scope["method"] if scope["method"] in COUNTED_METHODS else "other"
+        request_id = request_id_from(Headers(scope=scope).get("x-request-id"))
+        # Not reset afterwards: a 500 is answered outside this middleware, and still carries it.
+        REQUEST_ID.set(request_id)
+        status, sent = 500, 0
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = [*message.get("headers", ()), (b"x-request-id", request_id.encode())]
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            seconds = time.perf_counter() - started
+            route = scope.get("route")
+            handler = getattr(route, "path_format", None) or UNMATCHED
+            HTTP_REQUESTS.labels(method, handler, str(status)).inc()
+            HTTP_DURATION.labels(method, handler).observe(seconds)
+            client = scope.get("client")
+            log_access(
+                {
+                    "method": method,
+                    "handler": handler,
+                    "path": scope["path"],
+                    "query": scope["query_string"].decode("latin-1"),
+                    "status": status,
+                    "duration_ms": round(seconds * 1000, 1),
+                    "bytes": sent,
+                    "client": client[0] if client else None,
+                }
+            )

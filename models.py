@@ -228,6 +228,9 @@ class Problem(SQLModel):
     status: int
     detail: str | None = None
     errors: list[ProblemItem] | None = None
+    # The X-Request-ID of the request, to quote when reporting it (absent when the server
+    # refused the connection before there was a request).
+    request_id: str | None = None
 
 
 class Health(SQLModel):

@@ -42,8 +42,8 @@ SECURITY_HEADER_NOTES = {
     "Cache-Control": "unless the route chooses otherwise (no-cache on a pet, with its ETag)",
     "Content-Security-Policy": "for the API (the docs pages: 'self' only)",
 }
-# On every response (middleware.SecurityHeaders).
-EVERY_RESPONSE_HEADERS = tuple(security_headers(""))
+# On every response (middleware.SecurityHeaders and middleware.ObserveRequests).
+EVERY_RESPONSE_HEADERS = (*security_headers(""), "X-Request-ID")
 # Every response header a client can get, declared once under components/headers.
 RESPONSE_HEADERS = {
     **{
@@ -52,6 +52,10 @@ RESPONSE_HEADERS = {
         )
         for name, value in security_headers("").items()
     },
+    "X-Request-ID": _header(
+        "This request's id: the client's X-Request-ID when it is 1 to 64 of [A-Za-z0-9._-], "
+        "else a new one; also `request_id` in a problem body, and on every log line"
+    ),
     "WWW-Authenticate": _header('Bearer, or Bearer error="invalid_token" for a bad token'),
     "Retry-After": _header("Seconds to wait before retrying", "integer"),
     "Allow": _header("The methods this path answers, HEAD included wherever GET is"),

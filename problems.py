@@ -16,7 +16,9 @@ from starlette.routing import Match, Mount
 from starlette.types import Send
 
 from errors import RETRY_AFTER_SECONDS, ErrorItem, ServiceError, classify_db_error, summarise
+from logs import REQUEST_ID
 from models import PATTERN_MESSAGES, Problem, ProblemItem
+from observability import refuse
 
 log = logging.getLogger("pets.api")
 
@@ -28,7 +30,13 @@ def problem_body(
     status: int, detail: str | None = None, errors: list[ProblemItem] | None = None
 ) -> bytes:
     """A problem document: the status's phrase as its title, the detail, any failed checks."""
-    problem = Problem(title=HTTPStatus(status).phrase, status=status, detail=detail, errors=errors)
+    problem = Problem(
+        title=HTTPStatus(status).phrase,
+        status=status,
+        detail=detail,
+        errors=errors,
+        request_id=REQUEST_ID.get(),
+    )
     return problem.model_dump_json(exclude_none=True).encode()
 
 
@@ -99,6 +107,9 @@ async def on_validation_error(_request: Request, error: Exception) -> Response:
 
 async def on_service_error(_request: Request, error: Exception) -> Response:
     assert isinstance(error, ServiceError)
+    if error.reason is not None:
+        refuse(error.reason)
+        log.info("refused (%s): %s", error.reason, error.detail)
     items = [ProblemItem(loc=loc, msg=msg) for loc, msg in error.items] or None
     return problem_response(error.status, error.detail, headers=error.headers, errors=items)
 

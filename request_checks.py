@@ -1,6 +1,7 @@
 """HTTP preconditions the routes share: unknown query parameters, JSON bodies (checked before
 FastAPI parses them), content negotiation by Accept, and ETags with If-Match."""
 
+import hmac
 import re
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -12,10 +13,19 @@ import mimeparse
 from fastapi import Depends, FastAPI, Header, Path, Request, Response, params
 from fastapi.routing import APIRoute
 from pydantic import StringConstraints, WithJsonSchema
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from errors import BadRequest, ErrorItem, InvalidParameters, NotAcceptable, UnsupportedMediaType
+from errors import (
+    BadRequest,
+    ErrorItem,
+    InvalidParameters,
+    NotAcceptable,
+    Unauthorized,
+    UnsupportedMediaType,
+)
 from models import INT32_MAX, PetRecord
+from settings import Settings
 
 PetId = Annotated[int, Path(ge=1, le=INT32_MAX, description="The pet's id.")]
 
@@ -213,3 +223,18 @@ async def if_match_versions(
 
 # The pet versions a write is conditional on (If-Match); None: unconditional.
 IfMatchVersions = Annotated[list[int] | None, Depends(if_match_versions)]
+
+
+# --- the operators' routes ---------------------------------------------------------------------
+
+AuthorizationHeader = Annotated[str | None, Header(alias="Authorization")]
+
+
+def require_prometheus_token(settings: Settings, authorization: str | None) -> None:
+    """404 when no PROMETHEUS_TOKEN is set (as if the path were not there); 401 unless the
+    request carries it as a bearer token, compared in constant time."""
+    if settings.PROMETHEUS_TOKEN is None:
+        raise StarletteHTTPException(404)
+    expected = f"Bearer {settings.PROMETHEUS_TOKEN.get_secret_value()}".encode()
+    if not hmac.compare_digest((authorization or "").encode(), expected):
+        raise Unauthorized("The metrics need the bearer token PROMETHEUS_TOKEN.")

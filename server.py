@@ -2,7 +2,10 @@
 
 import argparse
 import asyncio
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -13,9 +16,11 @@ from uvicorn.protocols.http.flow_control import service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from logs import logging_config
 from middleware import encoded, security_headers
+from observability import MULTIPROCESS_DIRECTORY, refuse
 from problems import problem_bytes, send_problem
-from settings import Settings, get_settings, load_settings
+from settings import Settings, get_settings, load_settings, log_format
 
 # The security headers, for the answers sent from outside the app (and so its middleware).
 OUTSIDE_HEADERS = encoded(security_headers(""))
@@ -31,6 +36,7 @@ def _declared_length(scope: Scope) -> int | None:
 
 async def _send_too_large(send: Send, limit: int) -> None:
     # The rest of the body is never read, so the connection cannot carry another request.
+    refuse("body_too_large")
     await send_problem(send, 413, f"The request body is larger than {limit} bytes.")
 
 
@@ -87,6 +93,7 @@ async def busy_problem(_scope: Scope, _receive: Receive, send: Send) -> None:
     """503 problem for a request past HTTP_MAX_CONCURRENCY (uvicorn's own is plain text); its
     connection is closed: at the limit, a connection given back is worth most."""
     detail = "The server is at its connection limit; retry shortly."
+    refuse("server_busy")
     await send_problem(send, 503, detail, OUTSIDE_HEADERS)
 
 
@@ -137,7 +144,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if self._over_client_limit():
-            self._refuse(503, "Too many connections from this address; close some and retry.")
+            detail = "Too many connections from this address; close some and retry."
+            self._refuse(503, detail, "too_many_connections")
             return
         self._arm_deadlines()
 
@@ -208,7 +216,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # to headers the app already holds), so they are only counted, against the header limit.
         self.trailer_bytes += len(name) + len(value) + 4
         if self.trailer_bytes > self.max_header_bytes:
-            self._refuse(431, f"The request's trailers exceed {self.max_header_bytes} bytes.")
+            detail = f"The request's trailers exceed {self.max_header_bytes} bytes."
+            self._refuse(431, detail, "headers_too_large")
 
     def on_headers_complete(self) -> None:
         if self.transport.is_closing():
@@ -261,21 +270,25 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             # the server's, not the client's.
             self._arm_deadlines()
         elif not self.request_begun:
-            self._refuse(None, "nothing received")
+            self._refuse(None, "nothing received", "header_timeout")
         else:
-            self._refuse(408, f"The request headers took over {self.header_timeout:g} s.")
+            detail = f"The request headers took over {self.header_timeout:g} s."
+            self._refuse(408, detail, "header_timeout")
 
     def _body_late(self) -> None:
         self.body_deadline = None
         if self.flow.read_paused:
             self._arm_deadlines()
         else:
-            self._refuse(408, f"The request body took over {self.body_timeout:g} s.")
+            self._refuse(
+                408, f"The request body took over {self.body_timeout:g} s.", "body_timeout"
+            )
 
     # --- refusing
 
     def _headers_too_large(self) -> None:
-        self._refuse(431, f"The request line and headers exceed {self.max_header_bytes} bytes.")
+        detail = f"The request line and headers exceed {self.max_header_bytes} bytes."
+        self._refuse(431, detail, "headers_too_large")
 
     def _may_answer(self) -> bool:
         """An answer written now cannot be taken for the response to another request."""
@@ -287,11 +300,14 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             return not self.cycle.response_started
         return self.cycle.response_complete
 
-    def _refuse(self, status: int | None, detail: str) -> None:
+    def _refuse(self, status: int | None, detail: str, reason: str | None = None) -> None:
         """Answer with a problem (when that cannot be mistaken for another request's answer) and
-        close; a request the app is still on sees the client as gone."""
+        close; a request the app is still on sees the client as gone. A refusal on purpose
+        (not a malformed request) is counted by its `reason`."""
         if self.transport.is_closing():
             return
+        if reason is not None:
+            refuse(reason)
         if status is not None and self._may_answer():
             self.transport.write(self._problem_response(status, detail))
         cycle = self.cycle
@@ -313,12 +329,29 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 # --- running it --------------------------------------------------------------------------------
 
 
+def prepare_metrics_directory(settings: Settings) -> None:
+    """More than one API process: prometheus-client's multiprocess mode, in a directory of
+    their own (PROMETHEUS_MULTIPROC_DIR, or a new temporary one), emptied of an earlier run's
+    samples. The processes uvicorn starts read it when they first import prometheus-client;
+    one process alone keeps its samples in memory, unless PROMETHEUS_MULTIPROC_DIR says."""
+    directory = os.environ.get(MULTIPROCESS_DIRECTORY)
+    if directory is None:
+        if settings.WEB_CONCURRENCY == 1:
+            return
+        directory = os.environ[MULTIPROCESS_DIRECTORY] = tempfile.mkdtemp(prefix="pets-metrics-")
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    for path in Path(directory).glob("*.db"):
+        if not path.stem.endswith(f"_{os.getpid()}"):  # this process's own are already open
+            path.unlink(missing_ok=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Serve the API with every request bounded.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     args = parser.parse_args(argv)
     settings = load_settings()
+    prepare_metrics_directory(settings)
     uvicorn.run(
         "main:app",
         host=args.host,
@@ -332,8 +365,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         proxy_headers=bool(settings.FORWARDED_ALLOW_IPS),
         forwarded_allow_ips=settings.FORWARDED_ALLOW_IPS or None,
         workers=settings.WEB_CONCURRENCY,
-        # uvicorn's own logs (the access log is INFO) follow the service's LOG_LEVEL.
+        # Every process logs as the service does (JSON or text, on STDERR); the access line is
+        # middleware.ObserveRequests's, with the route, the duration and the request id.
+        log_config=logging_config(settings.LOG_LEVEL, log_format(settings)),
         log_level=settings.LOG_LEVEL.lower(),
+        access_log=False,
     )
 
 

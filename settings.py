@@ -1,7 +1,5 @@
 """Service configuration, read from the environment (and an optional .env file)."""
 
-import logging
-import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -29,6 +27,11 @@ ENV_FILE = Path(__file__).resolve().parent / ".env"
 ENV_EXAMPLE = ENV_FILE.with_name(".env.example")
 
 
+# compose's default for the observability profile; refused outside development.
+PLACEHOLDER_PROMETHEUS_TOKEN = "dev-prometheus-token"  # noqa: S105 - the placeholder itself
+PROMETHEUS_TOKEN_MIN_LENGTH = 16
+
+
 class Settings(BaseSettings):
     # hide_input_in_errors: a refusal must not print the secrets it was given into the log.
     model_config = SettingsConfigDict(
@@ -44,6 +47,13 @@ class Settings(BaseSettings):
     ADMIN_USERNAME: Username = "admin"
     ADMIN_PASSWORD: SecretStr = SecretStr(PLACEHOLDER_ADMIN_PASSWORD)
     LOG_LEVEL: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # json: one JSON object per line on STDERR (searchable); text: a readable line. Unset: text
+    # in development, json everywhere else.
+    LOG_FORMAT: Literal["json", "text"] | None = None
+    # The bearer token GET /internal/metrics (Prometheus) requires; unset: that path is a 404.
+    PROMETHEUS_TOKEN: SecretStr | None = None
+    # The worker's Prometheus exposition (its own HTTP port); 0 turns it off.
+    WORKER_METRICS_PORT: int = Field(default=9101, ge=0, le=65535)
     DB_POOL_SIZE: int = Field(default=20, ge=1)
     DB_MAX_OVERFLOW: int = Field(default=5, ge=0)
     # Seconds a request waits for a pooled connection before it is answered 503.
@@ -139,6 +149,13 @@ class Settings(BaseSettings):
                 f"ADMIN_PASSWORD must be at least {PASSWORD_MIN_LENGTH} characters long"
                 " (as create-user requires)"
             )
+        token = self.PROMETHEUS_TOKEN
+        if token is not None and token.get_secret_value() == PLACEHOLDER_PROMETHEUS_TOKEN:
+            raise ValueError("PROMETHEUS_TOKEN still has its development placeholder")
+        if token is not None and len(token.get_secret_value()) < PROMETHEUS_TOKEN_MIN_LENGTH:
+            raise ValueError(
+                f"PROMETHEUS_TOKEN must be at least {PROMETHEUS_TOKEN_MIN_LENGTH} characters long"
+            )
         return self
 
 
@@ -179,11 +196,8 @@ def load_settings() -> Settings:
         raise SystemExit(settings_problem(error)) from None
 
 
-def configure_logging(level: str) -> None:
-    """Send the service's own logs to STDERR (the worker's STDOUT carries reports only)."""
-    logger = logging.getLogger("pets")
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(level)
+def log_format(settings: Settings) -> Literal["json", "text"]:
+    """LOG_FORMAT, or its default: text in development, json everywhere else."""
+    if settings.LOG_FORMAT is not None:
+        return settings.LOG_FORMAT
+    return "text" if settings.ENVIRONMENT == "development" else "json"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command: sets up .venv from requirements-dev.txt, then runs ruff, mypy and pytest.
 # Needs PostgreSQL and Redis (TEST_POSTGRES_URL / TEST_REDIS_URL; local defaults) and Debian's
-# chromium and nodejs; extra arguments go to pytest.
+# chromium, nodejs and prometheus; extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -26,8 +26,9 @@ echo "==> mypy"
 echo "==> pytest"
 # Debian's packages some tests drive: chromium renders /docs and /redoc (tests/test_docs.py),
 # node checks names against the OpenAPI pattern with ECMA-262's own engine
-# (tests/test_name_rule.py). As root (CI) a missing one is installed here; otherwise the one
-# command that installs it is named.
+# (tests/test_name_rule.py), prometheus's promtool checks and unit-tests observability/
+# (tests/test_prometheus_config.py). As root (CI) a missing one is installed here; otherwise the
+# one command that installs it is named.
 need_package() {  # command, Debian package, what needs it
     if ! command -v "$1" > /dev/null && [ "$(id -u)" = 0 ] && command -v apt-get > /dev/null; then
         echo "==> installing $2 (Debian's package) for $3"
@@ -41,4 +42,5 @@ need_package() {  # command, Debian package, what needs it
 }
 need_package chromium chromium "the docs pages' test"
 need_package node nodejs "the name rule's test"
+need_package promtool prometheus "the Prometheus configuration's test"
 .venv/bin/pytest "$@"

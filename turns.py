@@ -11,11 +11,14 @@ from errors import Unavailable
 
 @dataclass
 class Turns:
-    """`size` turns; a caller waits up to `wait_seconds` for one, then gets `busy` as a 503."""
+    """`size` turns; a caller waits up to `wait_seconds` for one, then gets `busy` as a 503
+    refused for `reason` (what operators count it as)."""
 
     size: int
     wait_seconds: float
     busy: str
+    reason: str
+    in_use: int = field(default=0, init=False)
     _free: asyncio.Semaphore = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -27,8 +30,10 @@ class Turns:
             async with asyncio.timeout(self.wait_seconds):
                 await self._free.acquire()
         except TimeoutError:
-            raise Unavailable(self.busy) from None
+            raise Unavailable(self.busy, self.reason) from None
+        self.in_use += 1
         try:
             yield
         finally:
+            self.in_use -= 1
             self._free.release()

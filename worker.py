@@ -1,17 +1,32 @@
-"""The arq worker: a pet report to STDOUT every minute and a heartbeat every six hours."""
+"""The arq worker: a pet report to STDOUT every minute and a heartbeat every six hours, and
+Prometheus metrics of both on a port of its own."""
 
+import asyncio
 import dataclasses
+import functools
 import logging
 import sys
-from collections.abc import Awaitable, Callable
+import threading
+import time
+from bisect import bisect_left
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TextIO, TypeVar, cast
+from typing import Any, Literal, Protocol, TextIO, TypeVar, cast, get_args
+from wsgiref.simple_server import WSGIServer
 
 from arq import cron, func
 from arq.connections import ArqRedis, RedisSettings
 from arq.utils import to_unix_ms
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, Template
+from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.utils import floatToGoString
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -23,12 +38,14 @@ import crud
 from backoff import Backoff
 from db import create_engine
 from errors import Unavailable, classify_db_error
+from logs import logging_config
 from models import PetTypeStats
-from settings import HEARTBEAT_KEY, REPORT_JOB, Settings, configure_logging, load_settings
+from settings import HEARTBEAT_KEY, REPORT_JOB, Settings, load_settings, log_format
 
 log = logging.getLogger("pets.worker")
 
 T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 REPORT_CRON = "cron:pet_report"
 HEARTBEAT_CRON = "cron:heartbeat"
@@ -45,6 +62,14 @@ KEEP_RESULT_SECONDS = 300
 REDIS_BACKOFF = Backoff(first=1.0, cap=10.0)
 DATABASE_BACKOFF = Backoff(first=1.0, cap=10.0)
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+# How a job run ended, as pets_worker_jobs_total counts it.
+Outcome = Literal["ok", "failed", "timed_out"]
+OUTCOMES: tuple[Outcome, ...] = get_args(Outcome)
+# Upper bounds (seconds) of pets_worker_job_duration_seconds: from a heartbeat's few
+# milliseconds to a report's 50 s timeout.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Every interface: Prometheus scrapes the worker's container from outside it.
+METRICS_ADDRESS = "0.0.0.0"  # noqa: S104
 
 
 class PatientRetry(Retry):
@@ -190,9 +215,158 @@ def report_tick_job_id(moment: datetime) -> str:
     return f"{REPORT_CRON}:{to_unix_ms(moment.replace(second=0, microsecond=0))}"
 
 
+class WorkerMetrics:
+    """The worker's Prometheus samples, kept as plain numbers and read out at each scrape.
+
+    Not prometheus-client's Counter, Gauge and Histogram: the library picks their storage once
+    per process from PROMETHEUS_MULTIPROC_DIR (files in that directory, the API's multiprocess
+    mode), whatever registry they are in. The worker is one process; a collector of its own
+    keeps its exposition that, wherever the variable is set."""
+
+    def __init__(self, jobs: Iterable[str] = ()) -> None:
+        # Jobs record on the event loop; scrapes read on the HTTP server's threads.
+        self._lock = threading.Lock()
+        self._runs: dict[tuple[str, Outcome], int] = {}
+        # Per job: runs per bucket of DURATION_BUCKETS, the last one past 60 s (+Inf).
+        self._in_bucket: dict[str, list[int]] = {}
+        self._seconds: dict[str, float] = {}
+        self._last_success: dict[str, float] = {}
+        self._report_pets: int | None = None
+        for job in jobs:
+            self._know(job)
+        # Not prometheus_client.REGISTRY: that one also holds the library's process collectors
+        # and whatever any imported module registers.
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(self)
+
+    def _know(self, job: str) -> None:
+        """Samples of 0 for a job from the start, so that rate() sees its first run."""
+        if job not in self._seconds:
+            self._runs.update({(job, outcome): 0 for outcome in OUTCOMES})
+            self._in_bucket[job] = [0] * (len(DURATION_BUCKETS) + 1)
+            self._seconds[job] = 0.0
+
+    def finished(self, job: str, outcome: Outcome, seconds: float) -> None:
+        with self._lock:
+            self._know(job)
+            self._runs[job, outcome] += 1
+            self._in_bucket[job][bisect_left(DURATION_BUCKETS, seconds)] += 1
+            self._seconds[job] += seconds
+            if outcome == "ok":
+                self._last_success[job] = time.time()
+
+    def report_listed(self, pets: int) -> None:
+        with self._lock:
+            self._report_pets = pets
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            runs = dict(self._runs)
+            in_bucket = {job: list(counts) for job, counts in self._in_bucket.items()}
+            seconds = dict(self._seconds)
+            last_success = dict(self._last_success)
+            report_pets = self._report_pets
+        jobs = CounterMetricFamily(
+            "pets_worker_jobs", "Job runs, by how they ended.", labels=["job", "outcome"]
+        )
+        for (job, outcome), count in sorted(runs.items()):
+            jobs.add_metric([job, outcome], count)
+        yield jobs
+        durations = HistogramMetricFamily(
+            "pets_worker_job_duration_seconds",
+            "How long job runs took, however they ended.",
+            labels=["job"],
+        )
+        bounds = [*map(floatToGoString, DURATION_BUCKETS), "+Inf"]
+        for job, counts in sorted(in_bucket.items()):
+            cumulative = [sum(counts[: index + 1]) for index in range(len(counts))]
+            durations.add_metric([job], list(zip(bounds, cumulative, strict=True)), seconds[job])
+        yield durations
+        successes = GaugeMetricFamily(
+            "pets_worker_last_success_timestamp_seconds",
+            "Unix time of the job's last successful run.",
+            labels=["job"],
+        )
+        for job, moment in sorted(last_success.items()):
+            successes.add_metric([job], moment)
+        yield successes
+        pets = GaugeMetricFamily("pets_worker_report_pets", "Pets listed by the last report.")
+        if report_pets is not None:  # none before the first report: 0 would claim an empty table
+            pets.add_metric([], report_pets)
+        yield pets
+
+
+class Job(Protocol[T_co]):
+    """A job function as arq takes it (arq.typing.WorkerCoroutine), keeping its result's type."""
+
+    __qualname__: str
+
+    def __call__(self, ctx: dict[str, Any]) -> Coroutine[Any, Any, T_co]: ...
+
+
+def measured(
+    job: Callable[[dict[str, Any]], Awaitable[T]],
+    on_success: Callable[[WorkerMetrics, T], None] | None = None,
+) -> Job[T]:
+    """`job` counted and timed in ctx["metrics"] under its function's name; `on_success` is given
+    its result. arq registers this under the job's own name (see worker_settings)."""
+    name = job.__name__
+
+    @functools.wraps(job)
+    async def run(ctx: dict[str, Any]) -> T:
+        metrics: WorkerMetrics = ctx["metrics"]
+        started = time.perf_counter()
+        try:
+            result = await job(ctx)
+        except asyncio.CancelledError:
+            # arq's timeout cancels the job's task (asyncio.wait_for); so does a shutdown that
+            # outlasts job_completion_wait.
+            metrics.finished(name, "timed_out", time.perf_counter() - started)
+            raise
+        except Exception:
+            metrics.finished(name, "failed", time.perf_counter() - started)
+            raise
+        if on_success is not None:
+            on_success(metrics, result)
+        metrics.finished(name, "ok", time.perf_counter() - started)
+        return result
+
+    return run
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricsServer:
+    server: WSGIServer
+    thread: threading.Thread
+
+
+def serve_metrics(metrics: WorkerMetrics, port: int) -> MetricsServer | None:
+    """Serve `metrics` at http://<host>:<port>/metrics on a thread of its own; None (logged)
+    when the port cannot be had: the reports matter more than their metrics."""
+    try:
+        server, thread = start_http_server(port, addr=METRICS_ADDRESS, registry=metrics.registry)
+    except OSError as error:
+        log.error("cannot serve metrics on port %d (%s); running without them", port, error)
+        return None
+    log.info("metrics at http://%s:%d/metrics", METRICS_ADDRESS, port)
+    return MetricsServer(server, thread)
+
+
+async def stop_metrics(served: MetricsServer) -> None:
+    # shutdown() waits for the server's next poll (up to 0.5 s): not on the event loop.
+    await asyncio.to_thread(served.server.shutdown)
+    served.server.server_close()  # shutdown() alone leaves the port bound
+    served.thread.join()
+
+
 async def startup(ctx: dict[str, Any]) -> None:
     settings: Settings = ctx["settings"]
-    configure_logging(settings.LOG_LEVEL)
+    ctx["metrics"] = WorkerMetrics(jobs=(pet_report.__name__, heartbeat.__name__))
+    ctx["metrics_server"] = (
+        serve_metrics(ctx["metrics"], settings.WORKER_METRICS_PORT)
+        if settings.WORKER_METRICS_PORT
+        else None
+    )
     ctx["engine"] = create_engine(settings, application_name="pets-worker")
     ctx["report_template"] = load_report_template()
     # The start-up report stands for the current minute's tick, under that tick's job id: if
@@ -202,19 +376,23 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    served: MetricsServer | None = ctx.pop("metrics_server", None)
+    if served is not None:
+        await stop_metrics(served)
     if "engine" in ctx:
         await ctx["engine"].dispose()
 
 
 def worker_settings(settings: Settings) -> dict[str, Any]:
     """What arq runs for these settings (arq drops unknown keys silently: see the tests)."""
+    # The jobs as arq runs them, counted and timed; their names are given, not taken from them.
+    report = measured(pet_report, WorkerMetrics.report_listed)
+    beat = measured(heartbeat)
     return {
-        "functions": [
-            func(pet_report, name=REPORT_JOB, timeout=REPORT_TIMEOUT_SECONDS, max_tries=1)
-        ],
+        "functions": [func(report, name=REPORT_JOB, timeout=REPORT_TIMEOUT_SECONDS, max_tries=1)],
         "cron_jobs": [
             cron(
-                pet_report,
+                report,
                 name=REPORT_CRON,
                 second=0,
                 microsecond=0,
@@ -223,7 +401,7 @@ def worker_settings(settings: Settings) -> dict[str, Any]:
                 keep_result=KEEP_RESULT_SECONDS,
             ),
             cron(
-                heartbeat,
+                beat,
                 name=HEARTBEAT_CRON,
                 hour=HEARTBEAT_HOURS,
                 minute=0,
@@ -252,4 +430,7 @@ def __getattr__(name: str) -> dict[str, Any]:
     starts: that is when the configuration is read, not when this module is imported."""
     if name == "WorkerSettings":
         return worker_settings(load_settings())
+    if name == "LOG_CONFIG":  # `arq --custom-log-dict worker.LOG_CONFIG`: arq's lines too
+        settings = load_settings()
+        return logging_config(settings.LOG_LEVEL, log_format(settings))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

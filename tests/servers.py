@@ -114,7 +114,7 @@ class WorkerProcess:
         arq = str(Path(sys.executable).parent / "arq")
         with open(self.stdout_path, "wb") as out, open(self.stderr_path, "wb") as err:
             self.process = subprocess.Popen(
-                [arq, "worker.WorkerSettings"],
+                [arq, "--custom-log-dict", "worker.LOG_CONFIG", "worker.WorkerSettings"],
                 cwd=ROOT,
                 env={**os.environ, **env},
                 stdout=out,

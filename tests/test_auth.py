@@ -140,7 +140,12 @@ def login_settings(app: FastAPI) -> Iterator[Callable[..., None]]:
     def use(slots: int | None = None, **overrides: object) -> None:
         settings = guard.settings.model_copy(update={"LOGIN_HASH_WAIT_SECONDS": 30, **overrides})
         slots_now = guard.verification_slots
-        turns = Turns(slots or slots_now.size, settings.LOGIN_HASH_WAIT_SECONDS, slots_now.busy)
+        turns = Turns(
+            slots or slots_now.size,
+            settings.LOGIN_HASH_WAIT_SECONDS,
+            slots_now.busy,
+            slots_now.reason,
+        )
         state_of(app).login_guard = replace(guard, settings=settings, verification_slots=turns)
 
     use()

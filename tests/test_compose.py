@@ -1,6 +1,7 @@
 """The shipping files, checked without a Docker engine: the compose file's structure, hadolint on
 the Dockerfile, and each compose command run as stated against the local servers."""
 
+import json
 import os
 import re
 import socket
@@ -37,7 +38,7 @@ def environment(service: str) -> dict[str, str]:
 
 
 def test_services_and_their_images() -> None:
-    assert set(SERVICES) == {"db", "redis", "migrate", "api", "worker"}
+    assert set(SERVICES) == {"db", "redis", "migrate", "api", "worker", "prometheus"}
     assert SERVICES["db"]["image"].startswith("postgres:15")
     assert SERVICES["redis"]["image"].startswith("redis:7")
     images = {SERVICES[name]["image"] for name in ("migrate", "api", "worker")}
@@ -76,7 +77,9 @@ def test_api_and_worker_start_after_healthy_servers_and_the_migration() -> None:
 def test_commands_ports_and_shutdown_grace() -> None:
     assert SERVICES["api"]["command"][:2] == ["python", "server.py"]
     assert SERVICES["api"]["ports"] == ["${API_PORT:-8000}:8000"]
-    assert SERVICES["worker"]["command"] == ["arq", "worker.WorkerSettings"]
+    assert SERVICES["worker"]["command"] == [
+        "arq", "--custom-log-dict", "worker.LOG_CONFIG", "worker.WorkerSettings"
+    ]  # fmt: skip
     grace = int(SERVICES["worker"]["stop_grace_period"].removesuffix("s"))
     assert grace > worker.worker_settings(Settings())["job_completion_wait"]
 
@@ -218,8 +221,10 @@ def curl_block(path: str, heading: str) -> str:
 
 
 def readme_curl_block() -> str:
-    """The README's "Use it" examples, then the metrics page's one per feature."""
-    return curl_block("README.md", "Use it") + curl_block("docs/metrics.md", "Examples")
+    """The README's "Use it" and "Watching it" examples, then the metrics page's one per
+    feature."""
+    readme = curl_block("README.md", "Use it") + curl_block("README.md", "Watching it")
+    return readme + curl_block("docs/metrics.md", "Examples")
 
 
 def port_is_free(port: int) -> bool:
@@ -244,7 +249,7 @@ def test_the_stack_runs_as_compose_states_it(stack_database: str, tmp_path: Path
             SERVICES["api"]["command"],
             cwd=ROOT,
             env=with_venv(local_environment("api", stack_database)),
-            stdout=log,  # uvicorn's access log
+            stdout=log,  # the access lines
             stderr=log,
         )
     stack_worker = WorkerProcess(tmp_path, local_environment("worker", stack_database))
@@ -282,7 +287,13 @@ def test_the_stack_runs_as_compose_states_it(stack_database: str, tmp_path: Path
         api.terminate()
         api_exit = api.wait(timeout=20)
         worker_exit = stack_worker.stop()
-    statuses = re.findall(r'"(\w+) (\S+) HTTP/1.1" (\d{3})', api_log.read_text())
+    logged = [json.loads(line) for line in api_log.read_text().splitlines()]  # JSON, every one
+    statuses = [
+        (line["method"], f"{line['path']}?{line['query']}" if line["query"] else line["path"],
+         str(line["status"]))
+        for line in logged
+        if line["logger"] == "pets.access"
+    ]  # fmt: skip
     assert not [s for s in statuses if s[2].startswith("5")], statuses
     unauthorized = [(method, path) for method, path, status in statuses if status == "401"]
     assert unauthorized == [("DELETE", "/pets/2")], "only the README's deliberate 401"

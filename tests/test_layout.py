@@ -29,6 +29,8 @@ FORBIDDEN = {
     "models": {*MODULES} - {"models", "name_rule"},
     "name_rule": {*MODULES} - {"name_rule"},
     "errors": {*MODULES} - {"errors"},
+    "observability": {*MODULES} - {"observability"},
+    "logs": {*MODULES} - {"logs"},
     "backoff": {*MODULES} - {"backoff"},
     "settings": {*MODULES} - {"settings", "models"},
     "turns": {*MODULES} - {"turns", "errors"},

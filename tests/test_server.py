@@ -376,14 +376,16 @@ FORWARDED_FOR = [f"203.0.113.{n}" for n in (7, 8, 9)]
 
 
 def _access_log_clients(served: Served) -> list[str]:
-    """The client address of each `GET /health` line in uvicorn's access log, in order."""
+    """The client address of each `GET /health` access line (JSON), in order."""
     for forwarded in FORWARDED_FOR:
         response = httpx.get(
             f"{served.base}/health", headers={"X-Forwarded-For": forwarded}, timeout=5
         )
         assert response.status_code == 200
-    lines = [line for line in served.log.read_text().splitlines() if '"GET /health ' in line]
-    return [line.split()[1].rsplit(":", 1)[0] for line in lines[-len(FORWARDED_FOR) :]]
+    lines = [json.loads(line) for line in served.log.read_text().splitlines()]
+    health = [line for line in lines if line.get("logger") == "pets.access"]
+    health = [line for line in health if line["path"] == "/health"]
+    return [line["client"] for line in health[-len(FORWARDED_FOR) :]]
 
 
 def test_a_rotated_x_forwarded_for_does_not_change_the_client_address(server: Served) -> None:
@@ -415,6 +417,7 @@ async def test_in_process_content_length_over_the_limit_is_413_problem(
         "title": "Request Entity Too Large",
         "status": 413,
         "detail": f"The request body is larger than {settings.HTTP_MAX_BODY_BYTES} bytes.",
+        "request_id": response.headers["x-request-id"],
     }
 
 

@@ -17,7 +17,7 @@ BIN = Path(sys.executable).parent
 # The entry points as the README runs them, each reading its settings before anything else.
 ENTRY_POINTS = {
     "api": [sys.executable, "server.py", "--port", "0"],
-    "worker": [str(BIN / "arq"), "worker.WorkerSettings"],
+    "worker": [str(BIN / "arq"), "--custom-log-dict", "worker.LOG_CONFIG", "worker.WorkerSettings"],
     "cli": [sys.executable, "cli.py", "report-now"],
     "migrations": [str(BIN / "alembic"), "upgrade", "head"],
 }

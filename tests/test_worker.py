@@ -1,4 +1,5 @@
-"""The arq worker: the report's exact text, heartbeat, schedule, several workers, outages."""
+"""The arq worker: the report's exact text, heartbeat, schedule, several workers, outages, and
+its Prometheus metrics."""
 
 import asyncio
 import dataclasses
@@ -6,12 +7,16 @@ import io
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -21,6 +26,8 @@ from arq.cron import CronJob
 from arq.jobs import Job, JobStatus
 from arq.worker import Worker, create_worker
 from fastapi import FastAPI
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from redis.exceptions import ConnectionError as RedisConnectionError
 from sqlmodel.ext.asyncio.session import AsyncSession
 
@@ -31,7 +38,7 @@ from backoff import Backoff
 from deps import state_of
 from settings import HEARTBEAT_KEY, Settings
 from tests.helpers import ROOT, alembic_config_for, flush_redis, redis_url, run_cli, sql
-from tests.servers import PrivatePostgres, PrivateRedis, WorkerProcess, wait_until
+from tests.servers import PrivatePostgres, PrivateRedis, WorkerProcess, unused_port, wait_until
 
 pytestmark = pytest.mark.usefixtures("empty_pet_table")
 
@@ -211,21 +218,26 @@ def cron_jobs(settings: Settings) -> list[CronJob]:
     return jobs
 
 
-async def run_burst_worker(settings: Settings) -> Worker:
-    """A real arq worker from WorkerSettings that stops once the queue is empty. Its minute tick
-    is put off, so a run that crosses a minute does not add a report to the ones counted."""
-    jobs = [
+def without_minute_tick(settings: Settings) -> list[CronJob]:
+    """The schedule with the report's minute tick put off, so a run that crosses a minute does
+    not add a report to the ones counted."""
+    return [
         dataclasses.replace(job, next_run=datetime(2100, 1, 1, tzinfo=UTC))
         if job.name == "cron:pet_report"
         else job
         for job in cron_jobs(settings)
     ]
+
+
+async def run_burst_worker(settings: Settings) -> Worker:
+    """A real arq worker from WorkerSettings that stops once the queue is empty, its minute tick
+    put off."""
     burst = create_worker(
         worker.worker_settings(settings),
         burst=True,
         handle_signals=False,
         poll_delay=0.1,
-        cron_jobs=jobs,
+        cron_jobs=without_minute_tick(settings),
         redis_settings=worker.redis_settings(settings),
         ctx={"settings": settings},
     )
@@ -278,6 +290,9 @@ def worker_env(settings: Settings, **overrides: str) -> dict[str, str]:
         "DATABASE_URL": settings.DATABASE_URL,
         "REDIS_URL": redis_url(),
         "LOG_LEVEL": "INFO",
+        # No fixed host port for the test's workers (two of them would share 9101); the metrics
+        # tests give theirs a spare one.
+        "WORKER_METRICS_PORT": "0",
         **overrides,
     }
 
@@ -538,3 +553,250 @@ async def test_a_worker_restarted_within_the_minute_does_not_repeat_the_report(
     assert datetime.now(UTC).replace(second=0, microsecond=0) == minute, "the test ran too slow"
     assert second.stdout() == ""
     assert second.alive()
+
+
+# --- metrics ------------------------------------------------------------------------------------
+
+OUTCOMES = ("ok", "failed", "timed_out")
+# A sample by its name and labels, as scraped.
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def read_samples(exposition: str) -> Samples:
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(exposition)
+        for sample in family.samples
+    }
+
+
+def value(found: Samples, name: str, **labels: str) -> float | None:
+    return found.get((name, frozenset(labels.items())))
+
+
+def runs(found: Samples, job: str) -> dict[str, float | None]:
+    return {
+        outcome: value(found, "pets_worker_jobs_total", job=job, outcome=outcome)
+        for outcome in OUTCOMES
+    }
+
+
+def exposed(metrics: worker.WorkerMetrics) -> Samples:
+    """The samples the worker's registry gives a scrape."""
+    return read_samples(generate_latest(metrics.registry).decode())
+
+
+async def scrape(port: int) -> str:
+    async with httpx.AsyncClient(timeout=5) as http:
+        response = await http.get(f"http://127.0.0.1:{port}/metrics")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"].startswith("text/plain")
+    return response.text
+
+
+def listening_ports() -> set[int]:
+    """The TCP ports this process listens on: its sockets' inodes looked up in /proc/net."""
+    inodes = set()
+    for descriptor in Path("/proc/self/fd").iterdir():
+        try:
+            target = os.readlink(descriptor)
+        except OSError:  # closed since the listing
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target.removeprefix("socket:[").removesuffix("]"))
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and inode in inodes:  # 0A: LISTEN
+                ports.add(int(local.rsplit(":", 1)[1], 16))
+    return ports
+
+
+@asynccontextmanager
+async def started(settings: Settings) -> AsyncIterator[dict[str, Any]]:
+    """worker.startup, and worker.shutdown on leaving, on a ctx as arq gives them."""
+    pool = await create_pool(worker.redis_settings(settings))
+    ctx: dict[str, Any] = {"settings": settings, "redis": pool}
+    try:
+        await worker.startup(ctx)
+        yield ctx
+    finally:
+        await worker.shutdown(ctx)
+        await pool.flushdb()  # the start-up report it enqueued
+        await pool.aclose()
+
+
+def registered(settings: Settings, name: str) -> worker.Job[Any]:
+    """The job function arq runs under `name` (a cron job's), as WorkerSettings registers it."""
+    job = next(job for job in cron_jobs(settings) if job.name == name)
+    registered: worker.Job[Any] = job.coroutine
+    return registered
+
+
+@pytest.mark.usefixtures("fresh_redis")
+async def test_a_running_worker_serves_its_metrics_until_it_shuts_down(
+    settings: Settings, session: AsyncSession, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A real arq worker from WorkerSettings on a spare metrics port, its minute tick put off:
+    scraped once its start-up report and heartbeat have run, then shut down."""
+    await sql(session, KNOWN_PETS)
+    await session.commit()
+    pets = (await sql(session, "SELECT count(*) FROM pet")).scalar_one()
+    port = unused_port()
+    private = settings.model_copy(update={"WORKER_METRICS_PORT": port})
+    running = create_worker(
+        worker.worker_settings(private),
+        handle_signals=False,
+        poll_delay=0.1,
+        cron_jobs=without_minute_tick(private),
+        redis_settings=worker.redis_settings(private),
+        ctx={"settings": private},
+    )
+    main = asyncio.create_task(running.async_run())
+    try:
+        await until(
+            lambda: running.jobs_complete + running.jobs_failed >= 2, 20, "the start-up jobs"
+        )
+        exposition = await scrape(port)
+        scraped_at = time.time()
+    finally:
+        main.cancel()
+        await running.close()
+    assert (running.jobs_complete, running.jobs_failed) == (2, 0)
+    assert port not in listening_ports(), "the metrics server outlived the worker"
+    types = {family.name: family.type for family in text_string_to_metric_families(exposition)}
+    assert types == {
+        "pets_worker_jobs": "counter",
+        "pets_worker_job_duration_seconds": "histogram",
+        "pets_worker_last_success_timestamp_seconds": "gauge",
+        "pets_worker_report_pets": "gauge",
+    }
+    found = read_samples(exposition)
+    assert runs(found, "pet_report") == {"ok": 1, "failed": 0, "timed_out": 0}
+    assert runs(found, "heartbeat") == {"ok": 1, "failed": 0, "timed_out": 0}
+    assert value(found, "pets_worker_report_pets") == pets == 4
+    for job in ("pet_report", "heartbeat"):
+        assert value(found, "pets_worker_job_duration_seconds_count", job=job) == 1
+        assert value(found, "pets_worker_job_duration_seconds_bucket", job=job, le="60.0") == 1
+        assert value(found, "pets_worker_job_duration_seconds_bucket", job=job, le="+Inf") == 1
+        succeeded = value(found, "pets_worker_last_success_timestamp_seconds", job=job)
+        assert succeeded is not None
+        assert scraped_at - 60 < succeeded <= scraped_at
+    assert only_reports(capsys.readouterr().out)
+
+
+class UnreachableDatabase(Exception):
+    pass
+
+
+async def test_a_job_that_raises_is_counted_failed(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def unreachable(*_: object) -> None:
+        raise UnreachableDatabase("gave up on the database")
+
+    monkeypatch.setattr(worker, "wait_for_database", unreachable)
+    metrics = worker.WorkerMetrics()
+    report = registered(settings, "cron:pet_report")
+    with pytest.raises(UnreachableDatabase):
+        await report({"metrics": metrics, "engine": None})
+    found = exposed(metrics)
+    assert runs(found, "pet_report") == {"ok": 0, "failed": 1, "timed_out": 0}
+    assert value(found, "pets_worker_job_duration_seconds_count", job="pet_report") == 1
+    assert value(found, "pets_worker_last_success_timestamp_seconds", job="pet_report") is None
+    assert value(found, "pets_worker_report_pets") is None  # no report yet: not 0 pets
+
+
+@pytest.mark.parametrize("how", ["arq's timeout (asyncio.wait_for)", "task.cancel()"])
+async def test_a_job_cancelled_is_counted_timed_out(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """arq runs a job in a task it awaits through asyncio.wait_for: a timeout cancels that task
+    (as a shutdown does), which the job sees as CancelledError, counted and raised again."""
+    waiting = asyncio.Event()
+
+    async def forever(*_: object) -> None:
+        waiting.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(worker, "wait_for_database", forever)
+    metrics = worker.WorkerMetrics()
+    report = registered(settings, "cron:pet_report")
+    task = asyncio.create_task(report({"metrics": metrics, "engine": None}))
+    if how == "task.cancel()":
+        await waiting.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    else:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(task, 0.2)
+    assert task.cancelled()
+    found = exposed(metrics)
+    assert runs(found, "pet_report") == {"ok": 0, "failed": 0, "timed_out": 1}
+    assert value(found, "pets_worker_job_duration_seconds_count", job="pet_report") == 1
+    assert value(found, "pets_worker_last_success_timestamp_seconds", job="pet_report") is None
+
+
+@pytest.mark.usefixtures("fresh_redis")
+async def test_port_zero_serves_no_metrics(settings: Settings) -> None:
+    before = listening_ports()
+    async with started(settings.model_copy(update={"WORKER_METRICS_PORT": 0})) as ctx:
+        assert ctx["metrics_server"] is None
+        assert listening_ports() == before
+    # The same look at the ports sees a worker that does serve them, until it shuts down.
+    port = unused_port()
+    async with started(settings.model_copy(update={"WORKER_METRICS_PORT": port})):
+        assert listening_ports() == before | {port}
+        assert runs(read_samples(await scrape(port)), "heartbeat")["ok"] == 0
+    assert listening_ports() == before
+
+
+@pytest.mark.usefixtures("fresh_redis")
+async def test_a_taken_metrics_port_is_logged_and_the_worker_runs_without(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))  # noqa: S104 - where the worker binds
+        taken.listen()
+        port: int = taken.getsockname()[1]
+        with caplog.at_level(logging.ERROR, logger="pets.worker"):
+            async with started(settings.model_copy(update={"WORKER_METRICS_PORT": port})) as ctx:
+                assert ctx["metrics_server"] is None
+                assert "report_template" in ctx  # the rest of start-up ran
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert errors[0].startswith(f"cannot serve metrics on port {port} (")
+
+
+@pytest.mark.usefixtures("fresh_redis")
+@pytest.mark.slow
+async def test_a_worker_process_keeps_its_metrics_out_of_prometheus_multiproc_dir(
+    settings: Settings, tmp_path: Path, workers: list[WorkerProcess]
+) -> None:
+    """`arq worker.WorkerSettings` with PROMETHEUS_MULTIPROC_DIR set (the API's multiprocess
+    mode, decided by prometheus-client when it is imported): the worker still serves its own
+    samples from memory and writes nothing to that directory."""
+    shared = tmp_path / "prometheus-multiproc"
+    shared.mkdir()
+    port = unused_port()
+    env = worker_env(settings, WORKER_METRICS_PORT=str(port), PROMETHEUS_MULTIPROC_DIR=str(shared))
+    process = WorkerProcess(tmp_path, env)
+    workers.append(process)
+    deadline = time.monotonic() + 30
+    while True:
+        assert process.alive(), process.stderr()
+        try:
+            found = read_samples(await scrape(port))
+        except httpx.TransportError:  # not listening yet
+            found = {}
+        if runs(found, "heartbeat")["ok"] == 1 and (runs(found, "pet_report")["ok"] or 0) >= 1:
+            break
+        assert time.monotonic() < deadline, f"no start-up jobs counted: {found}"
+        await asyncio.sleep(0.2)
+    assert value(found, "pets_worker_report_pets") == 0  # the table is empty
+    assert list(shared.iterdir()) == []
+    assert process.stop() == 0
+    assert only_reports(process.stdout())
