@@ -152,6 +152,5 @@ async def current_user(
     return await user_of_token(session, token, settings)
 
 
-CurrentUser = Annotated[User, Depends(current_user)]
 # For a route that needs a signed-in user but not the user itself (in its `dependencies`).
 Authenticated = Depends(current_user)

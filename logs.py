@@ -52,12 +52,22 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
+# What would break a text line in two (a path with %0A in it) is written as an escape.
+LINE_BREAKERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _one_line(text: str) -> str:
+    return LINE_BREAKERS.sub(lambda found: f"\\x{ord(found[0]):02x}", text)
+
+
 class TextFormatter(logging.Formatter):
-    """A readable line for development, with the request id in brackets."""
+    """A readable line for development, with the request id in brackets; control characters
+    of the message escaped, so that no request can forge a line (JSON escapes them itself)."""
 
     def format(self, record: logging.LogRecord) -> str:
         request_id = REQUEST_ID.get()
-        text = f"{_utc(record.created)} {record.levelname} {record.name}: {record.getMessage()}"
+        message = _one_line(record.getMessage())
+        text = f"{_utc(record.created)} {record.levelname} {record.name}: {message}"
         if request_id is not None:
             text += f" [{request_id}]"
         if record.exc_info:

@@ -493,9 +493,14 @@ async def answer(
     with METRICS_DURATION.time():
         plan = await plan_question(db, cache, query, today, max_span_days, page)
         answered = await crud.query_metrics(db, plan)
-    for part in plan.parts:
-        METRICS_QUESTIONS.labels(part.source).inc()
+    count_sources(plan)
     return answered
+
+
+def count_sources(plan: MetricsPlan) -> None:
+    """For operators: where each part of a question, its earlier period's too, was read from."""
+    for part in (*plan.parts, *plan.previous):
+        METRICS_QUESTIONS.labels(part.source).inc()
 
 
 # --- exports ------------------------------------------------------------------------------------
@@ -574,6 +579,7 @@ async def export_lines(
 ) -> AsyncIterator[str]:
     """Every row of a question, as CSV (a header first) or NDJSON, read through a server-side
     cursor a batch at a time, so memory holds one batch whatever the number of rows."""
+    count_sources(plan)
     columns = export_columns(plan, money)
     cells = [_cell(c, kind, money, escape_formulas) for c in (*plan.group_by, *plan.fields)]
     convert = _converted(cells) if any(cells) else None

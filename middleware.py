@@ -16,6 +16,7 @@ from problems import problem_response
 # The methods counted by name; any other is counted as "other" (a client picks the method, and
 # must not pick the metrics' labels).
 COUNTED_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+HUNG_UP = 499
 
 # The docs pages (openapi.add_docs) load their scripts, styles and favicon from this origin only.
 # Their inline scripts (Swagger UI's start-up, the OAuth2 redirect page) are allowed by hash, so
@@ -69,7 +70,7 @@ class SecurityHeaders:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self.docs_headers = encoded(security_headers(next(iter(DOCS_PATHS))))
+        self.docs_headers = encoded(security_headers(DOCS_PATH))
         self.api_headers = encoded(security_headers(""))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -197,7 +198,9 @@ class ObserveRequests:
         request_id = request_id_from(Headers(scope=scope).get("x-request-id"))
         # Not reset afterwards: a 500 is answered outside this middleware, and still carries it.
         REQUEST_ID.set(request_id)
-        status, sent = 500, 0
+        # A client that hangs up before any answer (an analytics question cancelled) is counted
+        # as 499, as nginx names it: it is not the server's error.
+        status, sent = HUNG_UP, 0
 
         async def send_observed(message: Message) -> None:
             nonlocal status, sent
@@ -211,6 +214,10 @@ class ObserveRequests:
 
         try:
             await self.app(scope, receive, send_observed)
+        except Exception:
+            if status == HUNG_UP:
+                status = 500  # answered outside this middleware, as a 500 problem
+            raise
         finally:
             seconds = time.perf_counter() - started
             route = scope.get("route")

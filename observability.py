@@ -104,7 +104,10 @@ def _mark_dead_processes(directory: str) -> None:
     """Forget the live gauges of API processes that are gone (uvicorn restarts a dead worker);
     their counters stay counted."""
     for path in Path(directory).glob("gauge_live*_*.db"):
-        pid = int(path.stem.rsplit("_", 1)[1])
+        suffix = path.stem.rsplit("_", 1)[1]
+        if not suffix.isdigit():
+            continue  # not one of prometheus-client's
+        pid = int(suffix)
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

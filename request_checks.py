@@ -235,6 +235,8 @@ def require_prometheus_token(settings: Settings, authorization: str | None) -> N
     request carries it as a bearer token, compared in constant time."""
     if settings.PROMETHEUS_TOKEN is None:
         raise StarletteHTTPException(404)
-    expected = f"Bearer {settings.PROMETHEUS_TOKEN.get_secret_value()}".encode()
-    if not hmac.compare_digest((authorization or "").encode(), expected):
+    scheme, _, credentials = (authorization or "").partition(" ")
+    expected = settings.PROMETHEUS_TOKEN.get_secret_value().encode()
+    # The scheme is case-insensitive (RFC 9110 11.1); the token is compared in constant time.
+    if not (scheme.lower() == "bearer" and hmac.compare_digest(credentials.encode(), expected)):
         raise Unauthorized("The metrics need the bearer token PROMETHEUS_TOKEN.")

@@ -22,8 +22,8 @@ from observability import MULTIPROCESS_DIRECTORY, refuse
 from problems import problem_bytes, send_problem
 from settings import Settings, get_settings, load_settings, log_format
 
-# The security headers, for the answers sent from outside the app (and so its middleware).
-OUTSIDE_HEADERS = encoded(security_headers(""))
+# The security headers, for the answers the server sends before (or instead of) the app.
+PROTOCOL_HEADERS = encoded(security_headers(""))
 
 
 # --- the body limit, in the app ----------------------------------------------------------------
@@ -94,7 +94,7 @@ async def busy_problem(_scope: Scope, _receive: Receive, send: Send) -> None:
     connection is closed: at the limit, a connection given back is worth most."""
     detail = "The server is at its connection limit; retry shortly."
     refuse("server_busy")
-    await send_problem(send, 503, detail, OUTSIDE_HEADERS)
+    await send_problem(send, 503, detail, PROTOCOL_HEADERS)
 
 
 # --- header size and slow clients, in the server -----------------------------------------------
@@ -323,22 +323,24 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def _problem_response(self, status: int, detail: str) -> bytes:
         defaults = list(self.server_state.default_headers)  # Date and Server, as uvicorn sends
-        return problem_bytes(status, detail, [*defaults, *OUTSIDE_HEADERS])
+        return problem_bytes(status, detail, [*defaults, *PROTOCOL_HEADERS])
 
 
 # --- running it --------------------------------------------------------------------------------
 
 
-def prepare_metrics_directory(settings: Settings) -> None:
+def prepare_metrics_directory(settings: Settings, port: int) -> None:
     """More than one API process: prometheus-client's multiprocess mode, in a directory of
-    their own (PROMETHEUS_MULTIPROC_DIR, or a new temporary one), emptied of an earlier run's
-    samples. The processes uvicorn starts read it when they first import prometheus-client;
-    one process alone keeps its samples in memory, unless PROMETHEUS_MULTIPROC_DIR says."""
+    their own (PROMETHEUS_MULTIPROC_DIR, or one in the temporary directory named for the port,
+    so a restart reuses it), emptied of an earlier run's samples. The processes uvicorn starts
+    read it when they first import prometheus-client; one process alone keeps its samples in
+    memory, unless PROMETHEUS_MULTIPROC_DIR says."""
     directory = os.environ.get(MULTIPROCESS_DIRECTORY)
     if directory is None:
         if settings.WEB_CONCURRENCY == 1:
             return
-        directory = os.environ[MULTIPROCESS_DIRECTORY] = tempfile.mkdtemp(prefix="pets-metrics-")
+        directory = str(Path(tempfile.gettempdir(), f"pets-metrics-{port}"))
+        os.environ[MULTIPROCESS_DIRECTORY] = directory
     Path(directory).mkdir(parents=True, exist_ok=True)
     for path in Path(directory).glob("*.db"):
         if not path.stem.endswith(f"_{os.getpid()}"):  # this process's own are already open
@@ -351,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=8000, help="port to listen on")
     args = parser.parse_args(argv)
     settings = load_settings()
-    prepare_metrics_directory(settings)
+    prepare_metrics_directory(settings, args.port)
     uvicorn.run(
         "main:app",
         host=args.host,

@@ -6,6 +6,7 @@ server; JSON log lines carrying the request id."""
 import contextlib
 import dataclasses
 import json
+import logging
 import shutil
 import socket
 import subprocess
@@ -19,9 +20,12 @@ import pytest
 from fastapi import FastAPI
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
+from starlette.types import Message, Receive, Scope, Send
 
 from alembic import command
 from deps import state_of
+from logs import JsonFormatter, TextFormatter
+from middleware import ObserveRequests
 from tests.helpers import alembic_config_for, redis_url, scratch_database
 from tests.servers import ApiServer, forget_login_attempts, serve_api, unused_port, wait_until
 from turns import Turns
@@ -110,6 +114,8 @@ def test_the_metrics_need_the_token(
     assert httpx.get(url, timeout=10).status_code == 401
     wrong = {"Authorization": "Bearer not-the-token"}
     assert httpx.get(url, headers=wrong, timeout=10).status_code == 401
+    lower_case = {"Authorization": f"bearer {TOKEN}"}  # the scheme is case-insensitive
+    assert httpx.get(url, headers=lower_case, timeout=10).status_code == 200
     with serve_api(database, redis_url(), tmp_path / "server.log") as without_token:
         response = httpx.get(f"{without_token.base}/internal/metrics", headers=BEARER, timeout=10)
         assert response.status_code == 404
@@ -332,3 +338,42 @@ def test_a_real_prometheus_scrapes_the_service(two_processes: ApiServer, tmp_pat
     finally:
         process.terminate()
         process.wait(timeout=20)
+
+
+# --- the pieces, in-process -------------------------------------------------------------------
+
+
+async def test_a_client_that_hangs_up_before_any_answer_is_499_not_a_5xx() -> None:
+    """As CancelOnDisconnect leaves it: the app returns having sent nothing."""
+
+    async def gone(_scope: Scope, _receive: Receive, _send: Send) -> None:
+        return
+
+    labels = {"method": "GET", "handler": "unmatched", "status": "499"}
+    before = REGISTRY.get_sample_value("http_requests_total", labels) or 0.0
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/metrics",
+        "query_string": b"",
+        "headers": [],
+    }
+
+    async def receive() -> Message:
+        return {"type": "http.disconnect"}
+
+    async def send(_message: Message) -> None:
+        raise AssertionError("nothing is sent")
+
+    await ObserveRequests(gone)(scope, receive, send)
+    assert REGISTRY.get_sample_value("http_requests_total", labels) == before + 1
+
+
+def test_a_text_line_cannot_be_split_by_what_a_request_sends() -> None:
+    record = logging.LogRecord(
+        "pets.access", logging.INFO, "", 0, "GET %s", ("/pets\n2026 CRITICAL x",), None
+    )
+    line = TextFormatter().format(record)
+    assert "\n" not in line
+    assert line.endswith("GET /pets\\x0a2026 CRITICAL x")
+    assert json.loads(JsonFormatter().format(record))["message"] == "GET /pets\n2026 CRITICAL x"
