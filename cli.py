@@ -3,13 +3,15 @@
 import argparse
 import asyncio
 import getpass
+import io
 import shutil
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import TextIO, TypeVar
+from typing import BinaryIO, TextIO, TypeVar
 
 from arq.connections import RedisSettings, create_pool
 from pydantic import ValidationError
@@ -219,29 +221,44 @@ def not_loaded(name: str, problems: list[tuple[int, str]], count: int) -> int:
 def load_metrics(settings: Settings, source: str) -> int:
     """Upsert facts from a CSV file, or from standard input for `-`."""
     if source != "-":
-        return load_metrics_file(settings, Path(source), source)
-    # The file is read twice (checked whole, then loaded), so standard input is kept meanwhile.
-    with tempfile.TemporaryDirectory(prefix="load-metrics-") as folder:
-        path = Path(folder, "stdin.csv")
-        with path.open("wb") as copy:
-            shutil.copyfileobj(sys.stdin.buffer, copy)
-        return load_metrics_file(settings, path, "standard input")
+        try:
+            file = Path(source).open("rb")  # noqa: SIM115 - closed below, once it is open
+        except OSError as error:
+            return fail(f"cannot read {source}: {error}")
+        with file:
+            return load_metrics_file(settings, file, source)
+    # The file is read twice (checked whole, then loaded), so standard input is kept meanwhile,
+    # in a temporary file that has no name: however the command ends, nothing is left behind.
+    with tempfile.TemporaryFile(prefix="load-metrics-") as spool:
+        shutil.copyfileobj(sys.stdin.buffer, spool)
+        return load_metrics_file(settings, spool, "standard input")
 
 
-def load_metrics_file(settings: Settings, path: Path, name: str) -> int:
+@contextmanager
+def read_from_start(file: BinaryIO) -> Iterator[TextIO]:
+    """The file from its first byte, as text, left open for another pass."""
+    file.seek(0)
+    text = io.TextIOWrapper(file, encoding="utf-8-sig", newline="")
+    try:
+        yield text
+    finally:
+        text.detach()
+
+
+def load_metrics_file(settings: Settings, file: BinaryIO, name: str) -> int:
     """Upsert facts from a CSV file. Every problem of the file is reported at once, malformed
     lines and keys given twice, and then nothing is written."""
     try:
-        with path.open(encoding="utf-8-sig", newline="") as file:
-            check = check_metrics_csv(file)
+        with read_from_start(file) as text:
+            check = check_metrics_csv(text)
     except (OSError, UnicodeDecodeError) as error:
         return fail(f"cannot read {name}: {error}")
     if check.errors and not check.rows:  # no line to compare with another
         return not_loaded(name, check.errors, check.error_count)
 
     def rows() -> Iterator[tuple[int, MetricsCsvRow]]:
-        with path.open(encoding="utf-8-sig", newline="") as file:
-            for number, row in read_metrics_csv(file):
+        with read_from_start(file) as text:
+            for number, row in read_metrics_csv(text):
                 if isinstance(row, MetricsCsvRow):  # malformed lines are in check.errors
                     yield number, row
 

@@ -4,6 +4,10 @@ every /metrics answer equals the same sums worked out directly in SQL."""
 import csv
 import io
 import json
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import date, timedelta
 from decimal import Decimal
@@ -21,7 +25,17 @@ from deps import state_of
 from main import utc_today
 from metrics_data import COMBINATIONS, DEMO_VALUES
 from settings import Settings
-from tests.helpers import HEADER, checksum, clear_metrics, plain_sql, run_cli, sql, write_csv
+from tests.helpers import (
+    HEADER,
+    ROOT,
+    checksum,
+    clear_metrics,
+    cli_environment,
+    plain_sql,
+    run_cli,
+    sql,
+    write_csv,
+)
 
 END = date(2026, 11, 10)
 SEED_ARGS = ("seed-metrics", "--days", "20", "--rows-per-day", "300", "--end-date", END.isoformat())
@@ -408,6 +422,36 @@ def test_load_counts_one_fact_in_the_singular(settings: Settings, tmp_path: Path
     output = cli_ok(settings, "load-metrics", str(write_csv(tmp_path, line)))
     assert "load-metrics: 1 fact inserted or updated from " in output
     assert output.count("load-metrics:") == 1  # one summary, not a second on STDERR
+
+
+@pytest.mark.usefixtures("empty_metrics")
+@pytest.mark.parametrize("signal_sent", [signal.SIGTERM, signal.SIGKILL])
+def test_a_load_from_standard_input_killed_leaves_no_copy_of_it(
+    settings: Settings, tmp_path: Path, signal_sent: signal.Signals
+) -> None:
+    """Standard input is kept in a temporary file with no name: nothing stays after a kill,
+    here while it is still being read (half a file sent, the pipe still open)."""
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    env = {**cli_environment(settings), "TMPDIR": str(spool)}
+    line = "2026-11-10,North,18-24,female,facebook,feed,mobile,1,0,0,0,0\n"
+    process = subprocess.Popen(
+        [sys.executable, "cli.py", "load-metrics", "-"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    assert process.stdin is not None
+    process.stdin.write((HEADER + line * 20_000).encode())
+    process.stdin.flush()
+    time.sleep(1.0)  # it has started, and is copying what it was given
+    assert process.poll() is None
+    process.send_signal(signal_sent)
+    process.wait(timeout=10)
+    process.stdin.close()
+    assert list(spool.iterdir()) == []
 
 
 @pytest.mark.usefixtures("empty_metrics")
