@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     HTTP_HEADER_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0, le=300)
     # Seconds from the end of a request's headers to the last byte of its body (408 after).
     HTTP_BODY_TIMEOUT_SECONDS: float = Field(default=10.0, gt=0, le=3600)
+    # On SIGTERM (docker stop): new connections are refused, requests under way get this many
+    # seconds to finish, then whatever still runs (a slow reader's export) is cut off, and the
+    # process exits 0.
+    HTTP_SHUTDOWN_GRACE_SECONDS: int = Field(default=10, ge=1, le=300)
     # Seconds an idle keep-alive connection is kept between requests.
     HTTP_KEEP_ALIVE_SECONDS: int = Field(default=5, ge=1, le=300)
     # Connections plus running requests per process; beyond it uvicorn answers 503.

@@ -24,7 +24,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from alembic import command
 from deps import state_of
-from logs import JsonFormatter, TextFormatter
+from logs import REQUEST_ID, JsonFormatter, TextFormatter
 from middleware import ObserveRequests
 from tests.helpers import alembic_config_for, redis_url, scratch_database
 from tests.servers import ApiServer, forget_login_attempts, serve_api, unused_port, wait_until
@@ -370,6 +370,7 @@ async def test_a_client_that_hangs_up_before_any_answer_is_499_not_a_5xx() -> No
 
 
 def test_a_text_line_cannot_be_split_by_what_a_request_sends() -> None:
+    REQUEST_ID.set(None)  # outside a request (an in-process one before may have left its id)
     record = logging.LogRecord(
         "pets.access", logging.INFO, "", 0, "GET %s", ("/pets\n2026 CRITICAL x",), None
     )
