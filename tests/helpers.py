@@ -79,6 +79,20 @@ def scratch_database(prefix: str) -> Iterator[str]:
         asyncio.run(admin_execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@contextmanager
+def demo_database(prefix: str, *seed_arguments: str) -> Iterator[str]:
+    """A scratch database migrated to head and seeded by `seed-metrics` with these arguments,
+    for a real server of a test's own (its URL)."""
+    from alembic import command
+
+    with scratch_database(prefix) as url:
+        command.upgrade(alembic_config_for(url), "head")
+        env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url()}
+        seed = [sys.executable, "cli.py", "seed-metrics", *seed_arguments]
+        subprocess.run(seed, cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
+        yield url
+
+
 def make_settings(database_url: str, **overrides: object) -> Settings:
     values: dict[str, object] = {
         "ENVIRONMENT": "test",

@@ -12,8 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from alembic import command
-from tests.helpers import ROOT, alembic_config_for, redis_url, scratch_database
+from tests.helpers import ROOT, demo_database, redis_url
 from tests.servers import forget_login_attempts, serve_api
 
 CHECKS = ",".join(
@@ -36,17 +35,15 @@ def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The API served as everywhere (server.py) on a spare port, on a database of its own with
     demo data."""
     log = tmp_path_factory.mktemp("fuzz") / "server.log"
-    with scratch_database("test_fuzz") as url:
-        env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url()}
-        command.upgrade(alembic_config_for(url), "head")
-        seed = [sys.executable, "cli.py", "seed-metrics", "--days", "60", "--rows-per-day", "100"]
-        subprocess.run(seed, cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
-        with serve_api(url, redis_url(), log, LOG_LEVEL="WARNING") as server:
+    with (
+        demo_database("test_fuzz", "--days", "60", "--rows-per-day", "100") as url,
+        serve_api(url, redis_url(), log, LOG_LEVEL="WARNING") as server,
+    ):
+        forget_login_attempts(redis_url())
+        try:
+            yield server.base
+        finally:  # the fuzzer's wrong logins are no other test's business
             forget_login_attempts(redis_url())
-            try:
-                yield server.base
-            finally:  # the fuzzer's wrong logins are no other test's business
-                forget_login_attempts(redis_url())
 
 
 @pytest.mark.slow

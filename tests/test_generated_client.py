@@ -16,8 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from alembic import command
-from tests.helpers import ROOT, alembic_config_for, redis_url, scratch_database
+from tests.helpers import demo_database, redis_url
 from tests.servers import serve_api
 
 PACKAGE = "pets_client"
@@ -31,13 +30,11 @@ pytestmark = pytest.mark.slow
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """server.py on a spare port, on a database of its own with 40 days of demo data."""
     log = tmp_path_factory.mktemp("client") / "server.log"
-    with scratch_database("test_client") as url:
-        env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url()}
-        command.upgrade(alembic_config_for(url), "head")
-        seed = [sys.executable, "cli.py", "seed-metrics", "--days", "40", "--rows-per-day", "50"]
-        subprocess.run(seed, cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
-        with serve_api(url, redis_url(), log, LOG_LEVEL="WARNING") as api:
-            yield api.base
+    with (
+        demo_database("test_client", "--days", "40", "--rows-per-day", "50") as url,
+        serve_api(url, redis_url(), log, LOG_LEVEL="WARNING") as api,
+    ):
+        yield api.base
 
 
 @pytest.fixture(scope="module")

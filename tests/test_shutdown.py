@@ -15,8 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from alembic import command
-from tests.helpers import ROOT, alembic_config_for, redis_url, scratch_database
+from tests.helpers import ROOT, demo_database, redis_url
 from tests.servers import answers, unused_port, wait_until
 
 GRACE_SECONDS = 2
@@ -33,14 +32,8 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def database() -> Iterator[str]:
-    with scratch_database("test_shutdown") as url:
-        env = {**os.environ, "DATABASE_URL": url, "REDIS_URL": redis_url()}
-        command.upgrade(alembic_config_for(url), "head")
-        seed = [
-            *(sys.executable, "cli.py", "seed-metrics", "--days", "41"),
-            *("--rows-per-day", "2000", "--end-date", "2026-11-10"),
-        ]
-        subprocess.run(seed, cwd=ROOT, env=env, check=True, capture_output=True, timeout=120)
+    seed = ("--days", "41", "--rows-per-day", "2000", "--end-date", "2026-11-10")
+    with demo_database("test_shutdown", *seed) as url:
         yield url
 
 
